@@ -1,0 +1,62 @@
+# llmep: the two commands are `make demo` (the whole loop) and `make test` (every tier).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CRD_ROOT ?= $(CURDIR)
+PYTEST_ARGS ?=
+
+.PHONY: help setup venv rig-build crds check-crds lint test test-unit test-contract test-cluster \
+        test-serving test-reliability test-e2e bench demo clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+setup: venv rig-build ## install everything the tests need (venv with vLLM CPU build, control-plane binaries)
+
+venv: ## create .venv from the pinned lock (idempotent)
+	hack/setup-venv
+
+rig-build: ## build the pinned control-plane binaries from Go modules into the cache (idempotent)
+	hack/local-cluster build
+
+crds: ## regenerate crds/ and the chart's CRD from the pydantic models
+	$(PY) -m llmep_operator.api.crdgen
+
+check-crds: ## fail when the generated CRD files are stale
+	$(PY) -m llmep_operator.api.crdgen --check --root $(CRD_ROOT)
+
+lint: ## ruff and import-linter (operator and gateway never import ray or vllm)
+	$(VENV)/bin/ruff check operator serving tests bench
+	$(VENV)/bin/lint-imports
+
+test: check-crds ## every tier that can run here; fails if a tier collected nothing
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-unit: ## unit tier only
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-contract: ## contract tier only
+	$(PY) -m pytest tests/contract $(PYTEST_ARGS)
+
+test-cluster: ## cluster tier only (starts the local control plane unless KUBECONFIG is set)
+	$(PY) -m pytest tests/cluster $(PYTEST_ARGS)
+
+test-serving: ## serving tier only (real Ray + vLLM CPU build)
+	$(PY) -m pytest tests/serving $(PYTEST_ARGS)
+
+test-reliability: ## reliability tier only
+	$(PY) -m pytest tests/reliability $(PYTEST_ARGS)
+
+test-e2e: ## kind-based end-to-end tier (needs Docker; not run in CI here)
+	LLMEP_TIERS=e2e $(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+bench: ## benchmarks: print ratios against baselines measured in the same run
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+demo: setup ## the whole loop on this machine (see README)
+	hack/demo
+
+clean: ## remove local build outputs (not the caches outside the tree)
+	rm -rf build dist *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,46 @@
+"""The LLMEndpoint API (pydantic models; the generated CRD follows them)."""
+
+from llmep_operator.api.models import (
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    AutoscalingSpec,
+    CacheSpec,
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    EngineSpec,
+    LLMEndpoint,
+    LLMEndpointSpec,
+    LLMEndpointStatus,
+    ModelSpec,
+    Reason,
+    ReplicaStatus,
+    ResourcesSpec,
+    SecretKeyRef,
+)
+from llmep_operator.api.validation import SpecError, parse_endpoint
+
+__all__ = [
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "VERSION",
+    "AutoscalingSpec",
+    "CacheSpec",
+    "Condition",
+    "ConditionStatus",
+    "ConditionType",
+    "EngineSpec",
+    "LLMEndpoint",
+    "LLMEndpointSpec",
+    "LLMEndpointStatus",
+    "ModelSpec",
+    "Reason",
+    "ReplicaStatus",
+    "ResourcesSpec",
+    "SecretKeyRef",
+    "SpecError",
+    "parse_endpoint",
+]

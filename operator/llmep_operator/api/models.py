@@ -1,0 +1,530 @@
+"""The LLMEndpoint API: pydantic models that are the single source of the CRD.
+
+Field names are snake_case in Python and camelCase on the wire (aliases), as Kubernetes users
+expect. Every field carries a description: it becomes `kubectl explain` text. Rules that the API
+server can enforce on its own are also written as CEL (`x-kubernetes-validations`), so a bad
+manifest is refused at admission with the same message pydantic gives.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "llmep.io"
+VERSION = "v1alpha1"
+KIND = "LLMEndpoint"
+PLURAL = "llmendpoints"
+SINGULAR = "llmendpoint"
+SHORT_NAMES = ["llmep"]
+
+# Longest child name is "<name>-xxxxx-head-svc" (KubeRay's RayCluster suffix plus its Service
+# suffix); 40 keeps that and every label value within 63 characters.
+MAX_NAME_LENGTH = 40
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+SOURCE_SCHEMES = ("hf", "pvc", "s3", "gs", "file")
+SOURCE_PATTERN = r"^(hf|pvc|s3|gs)://[^\s/]+(/[^\s]*)?$|^file:///[^\s]*$"
+SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
+PROFILE_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(:[1-9][0-9]*)?$"
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|K|M|G|T|P)?$"
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+
+
+def _cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    entry = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+class ApiModel(BaseModel):
+    """Base: camelCase on the wire, unknown fields refused, values checked on assignment."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+
+class SecretKeyRef(ApiModel):
+    """A key in a Secret in the LLMEndpoint's namespace."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$",
+        description="Name of the Secret, in the same namespace as the LLMEndpoint.",
+    )
+    key: str = Field(
+        default="token",
+        min_length=1,
+        max_length=253,
+        pattern=SECRET_KEY_PATTERN,
+        description="Key inside the Secret whose value is used. Default: token.",
+    )
+
+
+class ModelSpec(ApiModel):
+    """Which model to serve and under which names."""
+
+    source: str = Field(
+        min_length=6,
+        max_length=1024,
+        pattern=SOURCE_PATTERN,
+        description=(
+            "Where the weights come from: hf://ORG/MODEL (Hugging Face hub), "
+            "pvc://CLAIM/PATH (a PersistentVolumeClaim in this namespace), s3://BUCKET/PATH, "
+            "gs://BUCKET/PATH, or file:///ABSOLUTE/PATH (a path inside the serving image)."
+        ),
+    )
+    revision: str | None = Field(
+        default=None,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._/-]+$",
+        description="Hugging Face revision (branch, tag or commit) for hf:// sources.",
+    )
+    served_name: str | None = Field(
+        default=None,
+        max_length=128,
+        pattern=SERVED_NAME_PATTERN,
+        description=(
+            "Model id clients put in the request's `model` field and see in /v1/models. "
+            "Default: the LLMEndpoint's metadata.name."
+        ),
+    )
+    aliases: list[Annotated[str, Field(max_length=128, pattern=SERVED_NAME_PATTERN)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description=(
+            "Extra model ids that route to this endpoint through the gateway, "
+            "for example a stable name like chat-default."
+        ),
+        json_schema_extra={
+            "x-kubernetes-list-type": "set",
+        },
+    )
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description=(
+            "Secret holding a Hugging Face (or object-store) token for gated models. "
+            "It reaches the engine as an environment variable and is never written into "
+            "the RayService."
+        ),
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme not in SOURCE_SCHEMES:
+            raise ValueError(
+                f"unsupported model source {value!r}: use one of "
+                + ", ".join(f"{s}://" for s in SOURCE_SCHEMES)
+                + " (for example hf://Qwen/Qwen2.5-7B-Instruct)"
+            )
+        if scheme == "file" and not value.startswith("file:///"):
+            raise ValueError(f"file:// sources need an absolute path, e.g. file:///models/x; got {value!r}")
+        if not re.fullmatch(SOURCE_PATTERN, value):
+            raise ValueError(
+                f"malformed model source {value!r}: expected {scheme}://BUCKET_OR_ORG/PATH "
+                "without spaces"
+            )
+        return value
+
+    @field_validator("aliases")
+    @classmethod
+    def _unique_aliases(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("aliases must be unique")
+        return value
+
+    @model_validator(mode="after")
+    def _alias_differs_from_name(self) -> ModelSpec:
+        if self.served_name is not None and self.served_name in self.aliases:
+            raise ValueError("aliases must not repeat servedName")
+        return self
+
+
+DType = Literal["auto", "float16", "bfloat16", "float32"]
+
+
+TYPED_ENGINE_ARGS = ("max_model_len", "tensor_parallel_size", "pipeline_parallel_size", "dtype", "gpu_memory_utilization")
+
+
+class EngineSpec(ApiModel):
+    """vLLM engine settings; common ones typed, the rest passed through extraArgs."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "!has(self.extraArgs) || !self.extraArgs.exists(k, k in "
+                    + "[" + ", ".join(f"'{a}'" for a in TYPED_ENGINE_ARGS) + "])",
+                    "engine.extraArgs must not set " + ", ".join(TYPED_ENGINE_ARGS)
+                    + ": use the typed fields (maxModelLen, tensorParallelSize, pipelineParallelSize, "
+                    "dtype, gpuMemoryUtilization)",
+                    ".extraArgs",
+                )
+            ]
+        }
+    )
+
+    max_model_len: int | None = Field(
+        default=None,
+        ge=16,
+        le=10_485_760,
+        description="Longest context (prompt + output tokens) the engine accepts. Default: the model's own.",
+    )
+    tensor_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="GPUs a layer is split across (vLLM tensor_parallel_size).",
+    )
+    pipeline_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Pipeline stages (vLLM pipeline_parallel_size). tensorParallelSize × "
+            "pipelineParallelSize GPUs serve one replica; more than one node holds spans "
+            "several GPU workers."
+        ),
+    )
+    dtype: DType = Field(
+        default="auto",
+        description="Weight and activation dtype: auto, float16, bfloat16 or float32.",
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Fraction of each GPU's memory vLLM may use (0-1]. Default: vLLM's (0.9).",
+    )
+    extra_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Further vLLM engine arguments, snake_case as in vLLM's EngineArgs "
+            "(for example enable_prefix_caching: true). Passed through unchanged."
+        ),
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment variables for the engine processes (for example VLLM_* settings).",
+    )
+
+    @field_validator("extra_args")
+    @classmethod
+    def _extra_args_not_typed(cls, value: dict[str, Any]) -> dict[str, Any]:
+        clash = sorted(set(TYPED_ENGINE_ARGS) & set(value))
+        if clash:
+            raise ValueError(
+                f"{', '.join(clash)} must be set through the typed engine field(s) "
+                "(maxModelLen, tensorParallelSize, pipelineParallelSize, dtype, "
+                "gpuMemoryUtilization), not extraArgs"
+            )
+        return value
+
+    @property
+    def gpus_per_replica(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+class ResourcesSpec(ApiModel):
+    """Where replicas run: a named resource profile from the operator's settings."""
+
+    profile: str = Field(
+        default="default",
+        max_length=63,
+        pattern=PROFILE_PATTERN,
+        description=(
+            "Resource profile NAME or NAME:COUNT, as configured in the operator's settings "
+            "(for example nvidia-h100:1). A profile gives the GPU product (node selector), "
+            "tolerations, CPU and memory. COUNT, if given, must equal the GPUs one replica "
+            "needs: tensorParallelSize × pipelineParallelSize."
+        ),
+    )
+
+    @property
+    def profile_name(self) -> str:
+        return self.profile.split(":", 1)[0]
+
+    @property
+    def profile_count(self) -> int | None:
+        _, _, count = self.profile.partition(":")
+        return int(count) if count else None
+
+
+class AutoscalingSpec(ApiModel):
+    """Replica bounds and the queue depth that Ray Serve scales on."""
+
+    min_replicas: int = Field(
+        default=1,
+        ge=0,
+        le=1000,
+        description="Fewest replicas. 0 scales to zero when idle (the gateway holds requests while one starts).",
+    )
+    max_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=1000,
+        description="Most replicas. Must be at least minReplicas.",
+    )
+    target_queue_depth: int = Field(
+        default=8,
+        ge=1,
+        le=10_000,
+        description=(
+            "Ongoing requests per replica that Ray Serve aims for (target_ongoing_requests): "
+            "more in flight adds replicas, fewer removes them."
+        ),
+    )
+    max_ongoing_requests: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description=(
+            "Requests one replica takes at once before new ones wait in Serve's queue "
+            "(max_ongoing_requests). Default: 4 × targetQueueDepth. Must be at least targetQueueDepth."
+        ),
+    )
+    scale_up_delay_seconds: int = Field(
+        default=5,
+        ge=0,
+        le=3600,
+        description="How long demand must stay above target before replicas are added.",
+    )
+    scale_down_delay_seconds: int = Field(
+        default=300,
+        ge=0,
+        le=86_400,
+        description="How long demand must stay below target before replicas are removed.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"minReplicas ({self.min_replicas}) must be <= maxReplicas ({self.max_replicas})"
+            )
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.target_queue_depth:
+            raise ValueError(
+                f"maxOngoingRequests ({self.max_ongoing_requests}) must be >= targetQueueDepth "
+                f"({self.target_queue_depth})"
+            )
+        return self
+
+    @property
+    def effective_max_ongoing_requests(self) -> int:
+        return self.max_ongoing_requests or 4 * self.target_queue_depth
+
+
+class CacheSpec(ApiModel):
+    """A shared volume that keeps downloaded weights across replicas and restarts."""
+
+    enabled: bool = Field(default=False, description="Keep weights on a shared volume (a PVC the operator creates).")
+    storage_class_name: str | None = Field(
+        default=None,
+        max_length=253,
+        description=(
+            "StorageClass of the cache volume; it should support ReadWriteMany so every "
+            "replica shares one copy. Default: the cluster's default class. Immutable."
+        ),
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("self == oldSelf", "cache.storageClassName is immutable; delete the cache PVC and the endpoint to change it")
+            ]
+        },
+    )
+    size: str = Field(
+        default="100Gi",
+        pattern=QUANTITY_PATTERN,
+        description="Size of the cache volume, a Kubernetes quantity such as 100Gi.",
+    )
+
+
+class LLMEndpointSpec(ApiModel):
+    """Desired state of an LLMEndpoint: one model served behind an OpenAI-compatible API."""
+
+    model: ModelSpec = Field(description="The model to serve and the names it answers to.")
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="vLLM engine settings.")
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec,
+        description="Resource profile that decides the GPU nodes replicas run on.",
+    )
+    autoscaling: AutoscalingSpec = Field(
+        default_factory=AutoscalingSpec,
+        description="Replica bounds and queue-depth target for Ray Serve's autoscaler.",
+    )
+    cache: CacheSpec = Field(default_factory=CacheSpec, description="Weight cache volume.")
+    image: str | None = Field(
+        default=None,
+        max_length=512,
+        pattern=r"^[^\s]+$",
+        description="Serving image for the Ray head and workers. Default: the profile's image from the operator settings.",
+    )
+
+    @model_validator(mode="after")
+    def _profile_count_matches_parallelism(self) -> LLMEndpointSpec:
+        count = self.resources.profile_count
+        needed = self.engine.gpus_per_replica
+        if count is not None and count != needed:
+            raise ValueError(
+                f"resources.profile asks for {count} GPU(s) per replica but "
+                f"engine.tensorParallelSize × engine.pipelineParallelSize = {needed}; "
+                f"use {self.resources.profile_name}:{needed} or drop the ':{count}'"
+            )
+        return self
+
+
+# CEL twins of the cross-field checks above, attached to the spec in the generated CRD.
+SPEC_CEL_RULES = [
+    _cel(
+        "self.autoscaling.minReplicas <= self.autoscaling.maxReplicas",
+        "autoscaling.minReplicas must be <= autoscaling.maxReplicas",
+        ".autoscaling.minReplicas",
+    ),
+    _cel(
+        "!has(self.autoscaling.maxOngoingRequests) || "
+        "self.autoscaling.maxOngoingRequests >= self.autoscaling.targetQueueDepth",
+        "autoscaling.maxOngoingRequests must be >= autoscaling.targetQueueDepth",
+        ".autoscaling.maxOngoingRequests",
+    ),
+    _cel(
+        "!self.resources.profile.contains(':') || self.resources.profile.endsWith(':' + "
+        "string(self.engine.tensorParallelSize * self.engine.pipelineParallelSize))",
+        "resources.profile NAME:COUNT must have COUNT = engine.tensorParallelSize × "
+        "engine.pipelineParallelSize (or drop ':COUNT')",
+        ".resources.profile",
+    ),
+    _cel(
+        "!has(self.model.servedName) || !has(self.model.aliases) || "
+        "!(self.model.servedName in self.model.aliases)",
+        "model.aliases must not repeat model.servedName",
+        ".model.aliases",
+    ),
+]
+
+ROOT_CEL_RULES = [
+    _cel(
+        f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
+        f"metadata.name must be at most {MAX_NAME_LENGTH} characters so every child name fits in 63",
+    ),
+    _cel(
+        f"self.metadata.name.matches('{NAME_PATTERN}')",
+        "metadata.name must start with a letter and hold only lowercase letters, digits and '-' "
+        "(it names Services, which require a DNS-1035 label)",
+    ),
+]
+
+
+class ConditionType(str, enum.Enum):
+    READY = "Ready"
+    PROGRESSING = "Progressing"
+    DEGRADED = "Degraded"
+
+
+class ConditionStatus(str, enum.Enum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Reason(str, enum.Enum):
+    """Why a condition has its status; one vocabulary for every condition."""
+
+    RECONCILING = "Reconciling"
+    INVALID_SPEC = "InvalidSpec"
+    WAITING_FOR_GPU_NODE = "WaitingForGPUNode"
+    DEPLOYING = "Deploying"
+    DOWNLOADING_WEIGHTS = "DownloadingWeights"
+    LOADING_MODEL = "LoadingModel"
+    SERVING = "Serving"
+    SCALED_TO_ZERO = "ScaledToZero"
+    BACKEND_FAILED = "BackendFailed"
+    AS_EXPECTED = "AsExpected"
+
+
+class Condition(ApiModel):
+    """One aspect of the endpoint's state, in the shape of metav1.Condition."""
+
+    type: ConditionType = Field(description="Ready, Progressing or Degraded.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: Reason = Field(description="Machine-readable reason, CamelCase.")
+    message: str = Field(default="", max_length=32_768, description="Human-readable detail.")
+    last_transition_time: datetime | None = Field(
+        default=None, description="When status last changed (not when the message changed)."
+    )
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="metadata.generation the condition was computed for."
+    )
+
+
+class ReplicaStatus(ApiModel):
+    """Replica counts of the model server."""
+
+    desired: int = Field(default=0, ge=0, description="Replicas Ray Serve wants now.")
+    ready: int = Field(default=0, ge=0, description="Replicas serving requests.")
+
+
+class LLMEndpointStatus(ApiModel):
+    """Observed state, written by the operator."""
+
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="metadata.generation that this status reflects."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Ready, Progressing and Degraded, each with a reason and message.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    url: str | None = Field(
+        default=None, description="OpenAI base_url of this endpoint inside the cluster (…/v1)."
+    )
+    models: list[str] = Field(
+        default_factory=list, description="Model ids this endpoint answers to: servedName then aliases."
+    )
+    replicas: ReplicaStatus = Field(default_factory=ReplicaStatus, description="Replica counts.")
+    ray_service: str | None = Field(default=None, description="Name of the RayService serving this endpoint.")
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata the API reads; the rest is kept as is."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)
+    namespace: str | None = None
+
+
+class LLMEndpoint(ApiModel):
+    """A whole LLMEndpoint object as kubectl sees it."""
+
+    api_version: Literal["llmep.io/v1alpha1"] = Field(default=f"{GROUP}/{VERSION}")
+    kind: Literal["LLMEndpoint"] = Field(default=KIND)
+    metadata: ObjectMeta
+    spec: LLMEndpointSpec
+    status: LLMEndpointStatus | None = None
+
+    @property
+    def served_name(self) -> str:
+        return self.spec.model.served_name or self.metadata.name
+
+    @property
+    def model_ids(self) -> list[str]:
+        return [self.served_name, *self.spec.model.aliases]
+
+    @model_validator(mode="after")
+    def _aliases_differ_from_default_name(self) -> LLMEndpoint:
+        if self.spec.model.served_name is None and self.metadata.name in self.spec.model.aliases:
+            raise ValueError("spec.model.aliases must not repeat the served name (metadata.name)")
+        return self
