@@ -1,0 +1,532 @@
+"""Request handling: auth, limits, routing, holding, and the passthrough to backends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from . import errors
+from .auth import ANONYMOUS, ApiKey, KeyStore
+from .errors import GatewayError
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import GatewayMetrics, ModelMetrics, usage_from
+from .routing import Route, RouteStore
+from .settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+JSON_HEADERS = {"Content-Type": errors.JSON_CONTENT_TYPE}
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # tell any proxy in front not to buffer the stream
+}
+FORWARDED_HEADERS = ("Accept", "X-Request-Id", "traceparent", "tracestate")
+KEEPALIVE_COMMENT = b": keep-alive\n\n"
+WAKE_INTERVAL = 5.0  # seconds between wake-up requests to one backend
+MAX_PENDING_EVENT = 1 << 20  # an SSE event larger than this is forwarded even if incomplete
+_URL_CACHE_SIZE = 4096
+
+
+def parse_request(body: bytes) -> tuple[str, bool]:
+    """``model`` and ``stream`` from a JSON body; the body itself is forwarded unchanged."""
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise errors.invalid_json("nested too deeply") from None
+    except ValueError as exc:  # includes invalid UTF-8 and over-long integers
+        raise errors.invalid_json(type(exc).__name__) from None
+    if not isinstance(data, dict):
+        raise errors.invalid_json("not an object")
+    model = data.get("model")
+    if model is None or model == "":
+        raise errors.missing_model()
+    if not isinstance(model, str):
+        raise errors.invalid_type("model", "a string")
+    stream = data.get("stream")
+    if stream is None:
+        stream = False
+    elif not isinstance(stream, bool):
+        raise errors.invalid_type("stream", "a boolean")
+    return model, stream
+
+
+def complete_events_end(data: bytes) -> int:
+    """Length of the prefix of ``data`` that ends on an SSE event boundary."""
+    lf = data.rfind(b"\n\n")
+    crlf = data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+def error_response(exc: GatewayError) -> web.Response:
+    headers = dict(JSON_HEADERS)
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    response = web.Response(body=exc.body(), status=exc.status, headers=headers)
+    if exc.close:
+        response.force_close()
+    return response
+
+
+class Gateway:
+    """One gateway: its routing table, keys, metrics and the pooled backend session."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        routes: RouteStore,
+        keys: KeyStore,
+        metrics: GatewayMetrics,
+        *,
+        serve_metrics: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.routes = routes
+        self.keys = keys
+        self.metrics = metrics
+        self.serve_metrics = serve_metrics
+        self.session: aiohttp.ClientSession | None = None
+        self._per_key: dict[str, int] = {}
+        self._held: dict[str, int] = {}
+        self._waking: set[str] = set()
+        self._last_wake: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._urls: dict[tuple[str, str], URL] = {}
+
+    async def start(self) -> None:
+        s = self.settings
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            # Bytes pass through as the backend sent them; never ask it to compress.
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding", "User-Agent"),
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=s.backend_connect_timeout, sock_read=s.backend_read_timeout
+            ),
+        )
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self.session is not None:
+            await self.session.close()
+
+    # -- dispatch ---------------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            path = request.path
+            if path.startswith("/v1/"):
+                if request.method == "POST":
+                    return await self._forward(request)
+                if request.method == "GET":
+                    if path == "/v1/models":
+                        return self._list_models(request)
+                    if path.startswith("/v1/models/"):
+                        return self._get_model(request, path[len("/v1/models/") :])
+                    raise errors.not_found(path)
+                raise errors.method_not_allowed(request.method, path)
+            if path == "/healthz":
+                return web.Response(body=b'{"status":"ok"}', headers=JSON_HEADERS)
+            if path == "/readyz":
+                if self.routes.loaded:
+                    return web.Response(body=b'{"status":"ready"}', headers=JSON_HEADERS)
+                return web.Response(
+                    body=b'{"status":"waiting for the routing table"}',
+                    status=503,
+                    headers=JSON_HEADERS,
+                )
+            if path == "/metrics" and self.serve_metrics:
+                return metrics_response(self.metrics)
+            raise errors.not_found(path)
+        except GatewayError as exc:
+            self.metrics.error(exc.model, exc.code)
+            return error_response(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the catch-all that turns any bug into a 500 envelope
+            # The request body and headers are deliberately not logged: they carry keys.
+            log.exception("unhandled error for %s %s", request.method, request.path[:200])
+            self.metrics.error("", "internal_error")
+            return error_response(errors.internal_error())
+
+    def _authenticate(self, request: web.BaseRequest) -> ApiKey:
+        key = self.keys.authenticate(request.headers.get("Authorization"))
+        if key is not None:
+            return key
+        if self.settings.anonymous:
+            return ANONYMOUS
+        raise errors.invalid_api_key()
+
+    # -- model discovery --------------------------------------------------------------
+
+    def _list_models(self, request: web.BaseRequest) -> web.Response:
+        key = self._authenticate(request)
+        data = [
+            {"id": name, "object": "model", "created": route.created, "owned_by": route.owned_by}
+            for name, route in self.routes.table.listed
+            if key.allows(route.names)
+        ]
+        body = json.dumps({"object": "list", "data": data}).encode()
+        return web.Response(body=body, headers=JSON_HEADERS)
+
+    def _get_model(self, request: web.BaseRequest, model: str) -> web.Response:
+        key = self._authenticate(request)
+        route = self.routes.table.lookup(model)
+        if route is None or not key.allows(route.names):
+            raise errors.model_not_found(model)
+        card = {
+            "id": model,
+            "object": "model",
+            "created": route.created,
+            "owned_by": route.owned_by,
+        }
+        return web.Response(body=json.dumps(card).encode(), headers=JSON_HEADERS)
+
+    # -- forwarding -------------------------------------------------------------------
+
+    async def _read_body(self, request: web.BaseRequest) -> bytes:
+        cap = self.settings.max_body_bytes
+        length = request.content_length
+        if length is not None and length > cap:
+            raise errors.request_too_large(cap)
+        try:
+            async with asyncio.timeout(self.settings.body_timeout):
+                if length is not None:
+                    return await request.content.readexactly(length)
+                chunks = []
+                size = 0
+                while chunk := await request.content.readany():
+                    size += len(chunk)
+                    if size > cap:
+                        raise errors.request_too_large(cap)
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except TimeoutError:
+            raise errors.body_timeout() from None
+        except asyncio.IncompleteReadError:
+            raise errors.invalid_json("the body ended early") from None
+
+    async def _forward(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = asyncio.get_running_loop().time()
+        key = self._authenticate(request)
+        limit = self.settings.max_concurrency_per_key
+        active = self._per_key.get(key.name, 0)
+        if limit and active >= limit:
+            raise errors.too_many_requests(limit, self.settings.retry_after_seconds)
+        self._per_key[key.name] = active + 1
+        sse: web.StreamResponse | None = None
+        label = ""
+        try:
+            body = await self._read_body(request)
+            model, stream = parse_request(body)
+            route = self.routes.table.lookup(model)
+            if route is None or not key.allows(route.names):
+                raise errors.model_not_found(model)
+            label = route.model
+            mm = self.metrics.model(label)
+            if not route.ready:
+                route, sse = await self._hold(request, route, model, key, stream, mm)
+            return await self._proxy(request, route, body, mm, started, sse)
+        except GatewayError as exc:
+            exc.model = label
+            if isinstance(exc, _StreamError):
+                sse = exc.sse
+            if sse is None:
+                raise
+            # The stream's 200 is already sent: end it with an error event instead.
+            self.metrics.error(label, exc.code)
+            await _end_stream(sse, errors.sse_error_event(exc.message, exc.code, exc.type))
+            return sse
+        finally:
+            remaining = self._per_key[key.name] - 1
+            if remaining:
+                self._per_key[key.name] = remaining
+            else:
+                del self._per_key[key.name]
+
+    def _url(self, base: str, raw_path: str) -> URL:
+        cache_key = (base, raw_path)
+        url = self._urls.get(cache_key)
+        if url is None:
+            if ".." in raw_path or "//" in raw_path or "%2e" in raw_path.lower():
+                raise errors.not_found(raw_path)
+            url = URL(base + raw_path[3:], encoded=True)
+            if len(self._urls) >= _URL_CACHE_SIZE:
+                self._urls.clear()
+            self._urls[cache_key] = url
+        return url
+
+    async def _send(
+        self, url: URL, body: bytes, headers: dict[str, str], model: str
+    ) -> aiohttp.ClientResponse:
+        assert self.session is not None
+        for attempt in (1, 2):
+            try:
+                return await self.session.post(url, data=body, headers=headers)
+            except TimeoutError:
+                raise errors.backend_timeout(model) from None
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+                # Connect failures never reached the backend; a disconnect before any answer
+                # is almost always a pooled connection the backend had closed. Retry once.
+                if attempt == 2:
+                    log.warning("backend for %s unreachable: %s", model, type(exc).__name__)
+                    raise errors.backend_unavailable(model) from None
+            except aiohttp.ClientError as exc:
+                log.warning("backend for %s failed: %s", model, type(exc).__name__)
+                raise errors.backend_unavailable(model) from None
+        raise AssertionError("unreachable")
+
+    async def _proxy(
+        self,
+        request: web.BaseRequest,
+        route: Route,
+        body: bytes,
+        mm: ModelMetrics,
+        started: float,
+        sse: web.StreamResponse | None,
+    ) -> web.StreamResponse:
+        assert route.base is not None
+        url = self._url(route.base, request.raw_path)
+        in_headers = request.headers
+        headers = {"Content-Type": in_headers.get("Content-Type", errors.JSON_CONTENT_TYPE)}
+        for name in FORWARDED_HEADERS:
+            value = in_headers.get(name)
+            if value is not None:
+                headers[name] = value
+        mm.in_flight.inc()
+        try:
+            resp = await self._send(url, body, headers, route.model)
+            try:
+                content_type = resp.headers.get("Content-Type", errors.JSON_CONTENT_TYPE)
+                if content_type.startswith("text/event-stream"):
+                    return await self._relay_stream(request, resp, route, mm, started, sse)
+                try:
+                    data = await resp.read()
+                except TimeoutError:
+                    raise errors.backend_timeout(route.model) from None
+                except aiohttp.ClientError:
+                    raise errors.backend_unavailable(route.model) from None
+            finally:
+                resp.release()
+            status = resp.status
+            if status < 400:
+                usage = usage_from(data)
+                if usage is not None:
+                    mm.prompt_tokens.inc(usage[0])
+                    mm.completion_tokens.inc(usage[1])
+            else:
+                self.metrics.error(route.model, f"backend_{status}")
+            if sse is not None:
+                await _end_stream(sse, _as_sse(data, status))
+                mm.duration.observe(asyncio.get_running_loop().time() - started)
+                return sse
+            mm.duration.observe(asyncio.get_running_loop().time() - started)
+            return web.Response(body=data, status=status, headers={"Content-Type": content_type})
+        finally:
+            mm.in_flight.dec()
+
+    async def _relay_stream(
+        self,
+        request: web.BaseRequest,
+        resp: aiohttp.ClientResponse,
+        route: Route,
+        mm: ModelMetrics,
+        started: float,
+        out: web.StreamResponse | None,
+    ) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        if out is None:
+            out = web.StreamResponse(status=resp.status, headers=SSE_HEADERS)
+            await out.prepare(request)
+        content = resp.content
+        pending = b""
+        first = True
+        usage = None
+        failed = False
+        while True:
+            try:
+                chunk = await content.readany()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("stream from %s broke: %s", route.model, type(exc).__name__)
+                failed = True
+                break
+            if not chunk:
+                break
+            data = pending + chunk if pending else chunk
+            # Forward whole events only, so a failure never leaves half an event behind.
+            end = complete_events_end(data)
+            if end == len(data):
+                pending = b""
+            elif len(data) > MAX_PENDING_EVENT:
+                pending = b""
+            else:
+                pending, data = data[end:], data[:end]
+                if not data:
+                    continue
+            if first:
+                first = False
+                mm.ttft.observe(loop.time() - started)
+            if b'"usage"' in data:
+                usage = usage_from(data) or usage
+            try:
+                await out.write(data)
+            except (ConnectionError, aiohttp.ClientConnectionError):
+                resp.close()  # the client left: drop the backend connection so it stops work
+                return out
+        if failed:
+            self.metrics.error(route.model, "backend_stream_interrupted")
+            await _end_stream(
+                out,
+                errors.sse_error_event(
+                    f"The backend serving '{route.model}' failed mid-stream.",
+                    "backend_stream_interrupted",
+                ),
+            )
+        else:
+            await _end_stream(out, pending)
+        if usage is not None:
+            mm.prompt_tokens.inc(usage[0])
+            mm.completion_tokens.inc(usage[1])
+        mm.duration.observe(loop.time() - started)
+        return out
+
+    # -- scale from zero ----------------------------------------------------------------
+
+    async def _hold(
+        self,
+        request: web.BaseRequest,
+        route: Route,
+        model: str,
+        key: ApiKey,
+        stream: bool,
+        mm: ModelMetrics,
+    ) -> tuple[Route, web.StreamResponse | None]:
+        s = self.settings
+        hold_key = route.key
+        held = self._held.get(hold_key, 0)
+        if held >= s.hold_queue_size:
+            raise errors.queue_full(route.model, s.retry_after_seconds)
+        self._held[hold_key] = held + 1
+        mm.held.inc()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s.hold_deadline
+        sse: web.StreamResponse | None = None
+        try:
+            while True:
+                self._wake(route)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    exc = errors.model_not_ready(route.model, s.retry_after_seconds)
+                    if sse is None:
+                        raise exc
+                    raise _StreamError(exc, sse)
+                changed = self.routes.changed
+                wait = min(remaining, s.hold_keepalive_interval) if stream else remaining
+                try:
+                    await asyncio.wait_for(changed.wait(), wait)
+                except TimeoutError:
+                    if stream and loop.time() < deadline:
+                        if sse is None:
+                            sse = web.StreamResponse(status=200, headers=SSE_HEADERS)
+                            await sse.prepare(request)
+                        await sse.write(KEEPALIVE_COMMENT)
+                current = self.routes.table.lookup(model)
+                if current is None or not key.allows(current.names):
+                    exc = errors.model_not_found(model)
+                    if sse is None:
+                        raise exc
+                    raise _StreamError(exc, sse)
+                if current.ready:
+                    return current, sse
+                route = current
+        finally:
+            remaining_held = self._held[hold_key] - 1
+            if remaining_held:
+                self._held[hold_key] = remaining_held
+            else:
+                del self._held[hold_key]
+            mm.held.dec()
+
+    def _wake(self, route: Route) -> None:
+        if not self.settings.wake_backend or route.base is None or route.key in self._waking:
+            return
+        now = asyncio.get_running_loop().time()
+        if now - self._last_wake.get(route.key, -WAKE_INTERVAL) < WAKE_INTERVAL:
+            return
+        self._waking.add(route.key)
+        self._last_wake[route.key] = now
+        task = asyncio.create_task(self._wake_once(route))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _wake_once(self, route: Route) -> None:
+        """One tiny completion: Ray Serve queues it and starts a replica for it."""
+        assert self.session is not None and route.base is not None
+        try:
+            async with self.session.post(
+                f"{route.base}/completions",
+                json={"model": route.model, "prompt": "wake", "max_tokens": 1},
+                timeout=aiohttp.ClientTimeout(
+                    total=self.settings.hold_deadline + 1,
+                    sock_connect=self.settings.backend_connect_timeout,
+                ),
+            ) as resp:
+                await resp.read()
+                log.info("woke %s: backend answered %d", route.model, resp.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.info("wake-up request to %s failed: %s", route.model, type(exc).__name__)
+        finally:
+            self._waking.discard(route.key)
+
+
+class _StreamError(GatewayError):
+    """A GatewayError raised after the SSE response for a held stream was started."""
+
+    def __init__(self, exc: GatewayError, sse: web.StreamResponse) -> None:
+        super().__init__(
+            exc.status,
+            exc.code,
+            exc.message,
+            type_=exc.type,
+            param=exc.param,
+            retry_after=exc.retry_after,
+        )
+        self.sse = sse
+
+
+def _as_sse(data: bytes, status: int) -> bytes:
+    """A backend's JSON answer to a held stream whose 200 was already sent."""
+    if status >= 400:
+        try:
+            parsed: Any = json.loads(data)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            return (
+                b"data: "
+                + json.dumps({"error": parsed["error"]}).encode()
+                + b"\n\ndata: [DONE]\n\n"
+            )
+        return errors.sse_error_event(f"The backend answered {status}.", f"backend_{status}")
+    return b"data: " + data.replace(b"\n", b"") + b"\n\ndata: [DONE]\n\n"
+
+
+async def _end_stream(out: web.StreamResponse, tail: bytes) -> None:
+    try:
+        if tail:
+            await out.write(tail)
+        await out.write_eof()
+    except (ConnectionError, aiohttp.ClientConnectionError):
+        pass  # the client already left; nothing more to tell it
+
+
+def metrics_response(metrics: GatewayMetrics) -> web.Response:
+    return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})

@@ -1,0 +1,166 @@
+"""OpenAI's error envelope for every answer the gateway itself produces."""
+
+from __future__ import annotations
+
+import json
+
+JSON_CONTENT_TYPE = "application/json"
+
+INVALID_REQUEST = "invalid_request_error"
+SERVER_ERROR = "server_error"
+RATE_LIMIT = "rate_limit_error"
+
+
+def envelope(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    return json.dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    ).encode()
+
+
+def sse_error_event(message: str, code: str, type_: str = SERVER_ERROR) -> bytes:
+    """An SSE error event followed by [DONE], as OpenAI and vLLM end a failed stream."""
+    return b"data: " + envelope(message, type_, code) + b"\n\ndata: [DONE]\n\n"
+
+
+class GatewayError(Exception):
+    """An error answer: HTTP status plus the fields of the envelope."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        type_: str = INVALID_REQUEST,
+        param: str | None = None,
+        retry_after: int | None = None,
+        close: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.retry_after = retry_after
+        self.close = close
+        self.model = ""  # metrics label, set once the request's model is resolved
+
+    def body(self) -> bytes:
+        return envelope(self.message, self.type, self.code, self.param)
+
+
+def invalid_api_key() -> GatewayError:
+    return GatewayError(
+        401,
+        "invalid_api_key",
+        "Incorrect or missing API key. Send 'Authorization: Bearer <key>'.",
+    )
+
+
+def model_not_found(model: str) -> GatewayError:
+    # Same answer for a model that does not exist and one outside the key's scope.
+    return GatewayError(
+        404,
+        "model_not_found",
+        f"The model '{model[:200]}' does not exist or you do not have access to it.",
+        param="model",
+    )
+
+
+def request_too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        "request_too_large",
+        f"Request body is larger than the limit of {limit} bytes.",
+        close=True,
+    )
+
+
+def invalid_json(detail: str) -> GatewayError:
+    return GatewayError(
+        400,
+        "invalid_json",
+        f"We could not parse the JSON body of your request ({detail}). "
+        "The body must be a JSON object.",
+    )
+
+
+def missing_model() -> GatewayError:
+    return GatewayError(400, "missing_model", "You must provide a model parameter.", param="model")
+
+
+def invalid_type(param: str, expected: str) -> GatewayError:
+    return GatewayError(
+        400, "invalid_type", f"Invalid type for '{param}': expected {expected}.", param=param
+    )
+
+
+def not_found(path: str) -> GatewayError:
+    return GatewayError(404, "not_found", f"Unknown request URL: {path[:200]}.")
+
+
+def method_not_allowed(method: str, path: str) -> GatewayError:
+    return GatewayError(
+        405, "method_not_allowed", f"Method {method[:16]} is not allowed on {path[:200]}."
+    )
+
+
+def too_many_requests(limit: int, retry_after: int) -> GatewayError:
+    return GatewayError(
+        429,
+        "rate_limit_exceeded",
+        f"Too many concurrent requests for this API key (limit {limit}).",
+        type_=RATE_LIMIT,
+        retry_after=retry_after,
+    )
+
+
+def queue_full(model: str, retry_after: int) -> GatewayError:
+    return GatewayError(
+        503,
+        "model_queue_full",
+        f"The model '{model}' is starting and its wait queue is full.",
+        type_=SERVER_ERROR,
+        retry_after=retry_after,
+    )
+
+
+def model_not_ready(model: str, retry_after: int) -> GatewayError:
+    return GatewayError(
+        503,
+        "model_not_ready",
+        f"The model '{model}' has no ready replica yet; retry later.",
+        type_=SERVER_ERROR,
+        retry_after=retry_after,
+    )
+
+
+def backend_unavailable(model: str) -> GatewayError:
+    return GatewayError(
+        502,
+        "backend_unavailable",
+        f"The backend serving '{model}' could not be reached or failed to answer.",
+        type_=SERVER_ERROR,
+    )
+
+
+def backend_timeout(model: str) -> GatewayError:
+    return GatewayError(
+        504,
+        "backend_timeout",
+        f"The backend serving '{model}' did not answer in time.",
+        type_=SERVER_ERROR,
+    )
+
+
+def body_timeout() -> GatewayError:
+    return GatewayError(
+        408, "request_timeout", "The request body was not received in time.", close=True
+    )
+
+
+def internal_error() -> GatewayError:
+    return GatewayError(
+        500, "internal_error", "The gateway failed to handle the request.", type_=SERVER_ERROR
+    )

@@ -1,0 +1,249 @@
+"""Cluster mode: routes from LLMEndpoint objects and keys from labelled Secrets.
+
+Translation from API objects (plain dicts) is pure; the list-and-watch loops run the
+blocking kubernetes client in threads and hand snapshots to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .auth import KEY_LABEL, ApiKey, key_from_secret
+from .routing import Backend
+
+log = logging.getLogger(__name__)
+
+GROUP, VERSION, PLURAL = "llmep.io", "v1alpha1", "llmendpoints"
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+WATCH_TIMEOUT_S = 60  # the server ends each watch then; the loop resumes from its version
+RETRY_DELAY_S = 2.0
+
+
+def _created(meta: Mapping[str, Any]) -> float:
+    stamp = meta.get("creationTimestamp")
+    if not isinstance(stamp, str):
+        return 0.0
+    try:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def is_ready(status: Mapping[str, Any]) -> bool:
+    """Ready condition True and, where the status counts replicas, at least one ready."""
+    conditions = status.get("conditions")
+    ready = isinstance(conditions, list) and any(
+        isinstance(c, dict) and c.get("type") == "Ready" and c.get("status") == "True"
+        for c in conditions
+    )
+    replicas = status.get("replicas")
+    if isinstance(replicas, dict) and isinstance(replicas.get("ready"), int):
+        ready = ready and replicas["ready"] > 0
+    return ready
+
+
+def endpoint_to_backend(obj: Mapping[str, Any]) -> Backend | None:
+    """One LLMEndpoint to a backend, or None when it names no model at all.
+
+    Names come from ``status.models``; before the operator has written them, from the spec
+    (served name, else metadata.name, then aliases), so requests for an endpoint that is
+    still coming up are held rather than answered 404.
+    """
+    meta = obj.get("metadata") or {}
+    status = obj.get("status") or {}
+    models = status.get("models")
+    if not (isinstance(models, list) and models):
+        model_spec = (obj.get("spec") or {}).get("model") or {}
+        served = model_spec.get("servedName") or meta.get("name")
+        aliases = model_spec.get("aliases") or []
+        models = [served, *aliases] if isinstance(aliases, list) else [served]
+    names = tuple(dict.fromkeys(m for m in models if isinstance(m, str) and m))
+    if not names:
+        return None
+    url = status.get("url")
+    return Backend(
+        models=names,
+        url=url if isinstance(url, str) and url else None,
+        ready=is_ready(status),
+        namespace=meta.get("namespace"),
+        name=meta.get("name"),
+        created=_created(meta),
+    )
+
+
+def backends_from_endpoints(objects: Iterable[Mapping[str, Any]]) -> list[Backend]:
+    return [b for b in map(endpoint_to_backend, objects) if b is not None]
+
+
+def keys_from_secrets(objects: Iterable[Mapping[str, Any]]) -> list[ApiKey]:
+    keys = []
+    for obj in objects:
+        name = (obj.get("metadata") or {}).get("name", "?")
+        try:
+            keys.append(key_from_secret(name, obj.get("data")))
+        except ValueError as exc:
+            log.warning("ignoring API key Secret %s: %s", name, exc)
+    return keys
+
+
+def own_namespace(configured: str | None) -> str:
+    if configured:
+        return configured
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
+    except OSError:
+        return "default"
+
+
+class KubeSource:
+    """List-and-watch loops for LLMEndpoints (per namespace, or all) and key Secrets."""
+
+    def __init__(
+        self,
+        *,
+        kubeconfig: Path | None,
+        namespace: str,
+        watch_namespaces: list[str],
+        on_backends: Callable[[list[Backend]], None],
+        on_keys: Callable[[list[ApiKey]], None] | None,
+    ) -> None:
+        self.kubeconfig = kubeconfig
+        self.namespace = namespace
+        self.watch_namespaces = watch_namespaces or [namespace]
+        self.on_backends = on_backends
+        self.on_keys = on_keys
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._by_namespace: dict[str, list[dict[str, Any]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        from kubernetes import client, config
+
+        self._loop = loop
+        if self.kubeconfig is not None:
+            api_client = config.new_client_from_config(config_file=str(self.kubeconfig))
+        else:
+            config.load_incluster_config()
+            api_client = client.ApiClient()
+        custom = client.CustomObjectsApi(api_client)
+        core = client.CoreV1Api(api_client)
+        if "*" in self.watch_namespaces:
+            targets = [("*", custom.list_cluster_custom_object, {})]
+        else:
+            targets = [
+                (ns, custom.list_namespaced_custom_object, {"namespace": ns})
+                for ns in self.watch_namespaces
+            ]
+        for ns, list_fn, kwargs in targets:
+            self._spawn(
+                f"watch-llmendpoints-{ns}",
+                list_fn,
+                {"group": GROUP, "version": VERSION, "plural": PLURAL, **kwargs},
+                lambda objs, ns=ns: self._endpoints_changed(ns, objs),
+                api_client,
+            )
+        if self.on_keys is not None:
+            on_keys = self.on_keys
+            self._spawn(
+                "watch-api-keys",
+                core.list_namespaced_secret,
+                {"namespace": self.namespace, "label_selector": KEY_LABEL},
+                lambda objs: on_keys(keys_from_secrets(objs)),
+                api_client,
+            )
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _endpoints_changed(self, ns: str, objects: list[dict[str, Any]]) -> None:
+        self._by_namespace[ns] = objects
+        self.on_backends(
+            backends_from_endpoints(o for objs in self._by_namespace.values() for o in objs)
+        )
+
+    def _spawn(
+        self,
+        name: str,
+        list_fn: Callable[..., Any],
+        kwargs: dict[str, Any],
+        publish: Callable[[list[dict[str, Any]]], None],
+        api_client: Any,
+    ) -> None:
+        thread = threading.Thread(
+            target=self._list_watch,
+            args=(list_fn, kwargs, publish, api_client),
+            name=name,
+            daemon=True,
+        )
+        self._threads.append(thread)
+        thread.start()
+
+    def _publish(
+        self, publish: Callable[[list[dict[str, Any]]], None], objects: dict[str, Any]
+    ) -> None:
+        assert self._loop is not None
+        snapshot = list(objects.values())
+        self._loop.call_soon_threadsafe(publish, snapshot)
+
+    def _list_watch(
+        self,
+        list_fn: Callable[..., Any],
+        kwargs: dict[str, Any],
+        publish: Callable[[list[dict[str, Any]]], None],
+        api_client: Any,
+    ) -> None:
+        from kubernetes import watch
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        while not self._stop.is_set():
+            try:
+                listing = api_client.sanitize_for_serialization(list_fn(**kwargs))
+                objects = {_key(o): o for o in listing.get("items") or []}
+                self._publish(publish, objects)
+                version = listing["metadata"]["resourceVersion"]
+                while not self._stop.is_set():
+                    stream = watch.Watch().stream(
+                        list_fn,
+                        resource_version=version,
+                        timeout_seconds=WATCH_TIMEOUT_S,
+                        allow_watch_bookmarks=True,
+                        **kwargs,
+                    )
+                    for event in stream:
+                        obj = event["raw_object"]
+                        if event["type"] == "ERROR":
+                            raise ApiException(
+                                status=obj.get("code", 500), reason=obj.get("reason")
+                            )
+                        version = obj["metadata"]["resourceVersion"]
+                        if event["type"] == "BOOKMARK":
+                            continue
+                        if event["type"] == "DELETED":
+                            objects.pop(_key(obj), None)
+                        else:
+                            objects[_key(obj)] = obj
+                        self._publish(publish, objects)
+            except ApiException as exc:
+                if exc.status != 410:  # 410 Gone: our version expired, so list again at once
+                    log.warning("watch %s failed (%s); retrying", kwargs, exc.status)
+                    time.sleep(RETRY_DELAY_S)
+            except (HTTPError, OSError, ValueError, KeyError) as exc:
+                log.warning("watch %s failed (%s); retrying", kwargs, type(exc).__name__)
+                time.sleep(RETRY_DELAY_S)
+
+
+def _key(obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{meta.get('namespace', '')}/{meta.get('name', '')}"

@@ -1,0 +1,147 @@
+"""The routing table: model names and aliases to backend base URLs, swapped whole on change."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One serving endpoint as a source reports it (an LLMEndpoint, or an entry of a file)."""
+
+    models: tuple[str, ...]  # served name first, then aliases
+    url: str | None  # OpenAI base URL ending in /v1; None while the endpoint has none yet
+    ready: bool
+    namespace: str | None = None
+    name: str | None = None
+    created: float = 0.0  # epoch seconds; orders name collisions, oldest wins
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a model name resolves to."""
+
+    model: str  # the served name: metrics label and the id the backend knows
+    base: str | None  # base URL without a trailing slash
+    ready: bool
+    owned_by: str
+    created: int
+    names: frozenset[str] = field(default_factory=frozenset)  # every id that routes here
+    key: str = ""  # identity of the backend, stable across table rebuilds
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    by_name: dict[str, Route]
+    listed: tuple[tuple[str, Route], ...]  # (id, route) pairs for /v1/models, in order
+
+    def lookup(self, name: str) -> Route | None:
+        return self.by_name.get(name)
+
+
+EMPTY_TABLE = RoutingTable(by_name={}, listed=())
+
+
+def build_table(backends: Iterable[Backend]) -> RoutingTable:
+    """Resolve names to routes deterministically.
+
+    An unqualified name belongs to the oldest backend claiming it (ties: namespace, then
+    object name); later claimants are logged and stay reachable as ``namespace/name``.
+    """
+    ordered = sorted(
+        (b for b in backends if b.models),
+        key=lambda b: (b.created, b.namespace or "", b.name or "", b.url or ""),
+    )
+    by_name: dict[str, Route] = {}
+    listed: list[tuple[str, Route]] = []
+    for backend in ordered:
+        served = backend.models[0]
+        qualified = (
+            tuple(f"{backend.namespace}/{m}" for m in backend.models) if backend.namespace else ()
+        )
+        names = frozenset(backend.models) | frozenset(qualified)
+        route = Route(
+            model=served,
+            base=backend.url.rstrip("/") if backend.url else None,
+            ready=backend.ready and bool(backend.url),
+            owned_by=backend.namespace or "llmep",
+            created=int(backend.created),
+            names=names,
+            key=f"{backend.namespace or ''}/{backend.name or served}",
+        )
+        for name in backend.models:
+            if name in by_name:
+                log.warning(
+                    "model name %r of %s is already served by %s; reachable as %s/%s",
+                    name,
+                    route.key,
+                    by_name[name].key,
+                    backend.namespace,
+                    name,
+                )
+                continue
+            by_name[name] = route
+            listed.append((name, route))
+        for name, qualified_name in zip(backend.models, qualified, strict=False):
+            by_name.setdefault(qualified_name, route)
+            # List the qualified id only where it is the one way to reach this backend.
+            if by_name[qualified_name] is route and by_name.get(name) is not route:
+                listed.append((qualified_name, route))
+    return RoutingTable(by_name=by_name, listed=tuple(listed))
+
+
+def parse_routes(data: object) -> list[Backend]:
+    """Local-mode file content: a list of {models: [...], url: ..., ready: bool}."""
+    if not isinstance(data, list):
+        raise ValueError("routes file must hold a list of {models, url, ready} entries")
+    backends = []
+    now = time.time()
+    for index, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise ValueError(f"routes entry {index} is not a mapping")
+        models = entry.get("models")
+        if isinstance(models, str):
+            models = [models]
+        if (
+            not isinstance(models, list)
+            or not models
+            or not all(isinstance(m, str) and m for m in models)
+        ):
+            raise ValueError(f"routes entry {index}: 'models' must be a non-empty list of names")
+        url = entry.get("url")
+        if url is not None and not isinstance(url, str):
+            raise ValueError(f"routes entry {index}: 'url' must be a string")
+        ready = entry.get("ready", True)
+        if not isinstance(ready, bool):
+            raise ValueError(f"routes entry {index}: 'ready' must be true or false")
+        backends.append(
+            Backend(models=tuple(models), url=url, ready=ready, created=now + index * 1e-6)
+        )
+    return backends
+
+
+class RouteStore:
+    """Holds the current table; waiters learn of every replacement through ``changed``."""
+
+    def __init__(self) -> None:
+        self.table = EMPTY_TABLE
+        self.changed = asyncio.Event()
+        self.loaded = False
+        self._listeners: list[Callable[[RoutingTable], None]] = []
+
+    def add_listener(self, listener: Callable[[RoutingTable], None]) -> None:
+        self._listeners.append(listener)
+
+    def replace(self, table: RoutingTable) -> None:
+        self.table = table
+        self.loaded = True
+        fired, self.changed = self.changed, asyncio.Event()
+        fired.set()
+        for listener in self._listeners:
+            listener(table)

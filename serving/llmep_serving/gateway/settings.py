@@ -1,0 +1,101 @@
+"""Gateway settings: one pydantic-settings object, read from flags or LLMEP_GATEWAY_* env."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    """Everything the gateway can be told; the Helm chart renders these as env vars."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMEP_GATEWAY_", extra="forbid")
+
+    host: str = Field("0.0.0.0", description="Address to listen on (tests bind 127.0.0.1).")  # noqa: S104
+    port: int = Field(8080, ge=0, le=65535, description="Port of the OpenAI API; 0 picks one.")
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve /metrics on this port only; unset serves it on the API port.",
+    )
+    routes_file: Path | None = Field(
+        None,
+        description="Local mode: YAML/JSON list of {models, url, ready}; reloaded on change. "
+        "Unset: routes come from LLMEndpoint objects in the cluster.",
+    )
+    keys_file: Path | None = Field(
+        None,
+        description="Local mode: YAML/JSON list of {name, key | sha256, models}; reloaded on "
+        "change. Unset in cluster mode: keys come from Secrets labelled llmep.io/api-key.",
+    )
+    file_poll_interval: float = Field(
+        0.5, gt=0, description="Seconds between checks of routes_file and keys_file."
+    )
+    anonymous: bool = Field(
+        False, description="Accept requests without an API key (local use only)."
+    )
+    namespace: str | None = Field(
+        None,
+        description="The gateway's own namespace, where key Secrets are watched. Default: "
+        "POD_NAMESPACE or the service account's namespace.",
+    )
+    watch_namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Namespaces whose LLMEndpoints are routed (comma-separated); '*' is all; "
+        "empty is the gateway's own namespace.",
+    )
+    kubeconfig: Path | None = Field(
+        None, description="Kubeconfig for running outside a cluster; default: in-cluster."
+    )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, gt=0, description="Largest request body accepted; larger is 413."
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a client has to send a complete request head."
+    )
+    idle_timeout: float = Field(
+        75.0, gt=0, description="Seconds an idle keep-alive connection is kept open."
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, description="Seconds a client has to send the whole request body."
+    )
+    backend_connect_timeout: float = Field(
+        5.0, gt=0, description="Seconds to open a connection to a backend."
+    )
+    backend_read_timeout: float = Field(
+        600.0, gt=0, description="Seconds to wait for the next bytes from a backend."
+    )
+    hold_deadline: float = Field(
+        300.0,
+        ge=0,
+        description="Seconds a request for a model with no ready replica is held before 503.",
+    )
+    hold_queue_size: int = Field(
+        256, ge=0, description="Requests held per model at most; beyond that 503."
+    )
+    hold_keepalive_interval: float = Field(
+        5.0, gt=0, description="Seconds between SSE keep-alive comments to held streams."
+    )
+    wake_backend: bool = Field(
+        True,
+        description="While requests are held, send the backend one tiny completion so a "
+        "scale-to-zero Ray Serve deployment starts a replica.",
+    )
+    max_concurrency_per_key: int = Field(
+        256, ge=0, description="In-flight requests per API key; beyond that 429. 0: unlimited."
+    )
+    retry_after_seconds: int = Field(
+        5, ge=1, description="Retry-After sent with 429 and 503 answers."
+    )
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    @field_validator("watch_namespaces", mode="before")
+    @classmethod
+    def _split_namespaces(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value

@@ -1,0 +1,297 @@
+"""What an OpenAI SDK user sees through the gateway: routing, discovery, streaming, auth.
+
+The backends are small in-process OpenAI-shaped aiohttp servers (see conftest.py): they stand
+in for faults a real backend cannot be made to produce and keep these tests fast. The real
+Ray Serve + vLLM path is covered in tests/serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+
+pytestmark = [pytest.mark.unit, pytest.mark.asyncio]
+
+GOOD_KEY = "sk-good-0123456789"
+SCOPED_KEY = "sk-scoped-0123456789"
+
+
+def client(base_url: str, key: str = "unused", **kwargs) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, **kwargs)
+
+
+async def two_backends(backend_factory, gateway_factory, **settings):
+    a = await backend_factory("backend-a")
+    b = await backend_factory("backend-b")
+    gw = await gateway_factory(
+        [
+            {"models": ["qwen-7b", "chat-default"], "url": a.url, "ready": True},
+            {"models": ["llama-8b"], "url": b.url, "ready": True},
+        ],
+        **settings,
+    )
+    return a, b, gw
+
+
+async def test_routes_by_served_name_and_alias_to_the_right_backend(
+    backend_factory, gateway_factory
+):
+    a, b, gw = await two_backends(backend_factory, gateway_factory)
+    c = client(gw.url)
+    msgs = [{"role": "user", "content": "hi"}]
+
+    by_name = await c.chat.completions.create(model="qwen-7b", messages=msgs)
+    by_alias = await c.chat.completions.create(model="chat-default", messages=msgs)
+    other = await c.chat.completions.create(model="llama-8b", messages=msgs)
+
+    assert by_name.choices[0].message.content == "from backend-a"
+    assert by_alias.choices[0].message.content == "from backend-a"
+    assert other.choices[0].message.content == "from backend-b"
+    # The body reaches the backend unchanged, alias included, on the same path.
+    assert [r["model"] for r in a.requests] == ["qwen-7b", "chat-default"]
+    assert a.paths == ["/v1/chat/completions", "/v1/chat/completions"]
+    assert "authorization" not in {k.lower() for k in a.headers[0]}
+
+
+async def test_completions_and_embeddings_are_routed_too(backend_factory, gateway_factory):
+    a, b, gw = await two_backends(backend_factory, gateway_factory)
+    c = client(gw.url)
+
+    emb = await c.embeddings.create(model="llama-8b", input="hello")
+    await c.completions.create(model="qwen-7b", prompt="hi", max_tokens=1)
+
+    assert emb.data[0].embedding == [0.1, 0.2]
+    assert b.paths == ["/v1/embeddings"]
+    assert a.paths == ["/v1/completions"]
+
+
+async def test_unknown_model_is_404_model_not_found(backend_factory, gateway_factory):
+    _, _, gw = await two_backends(backend_factory, gateway_factory)
+
+    with pytest.raises(openai.NotFoundError) as err:
+        await client(gw.url).chat.completions.create(
+            model="gpt-4", messages=[{"role": "user", "content": "hi"}]
+        )
+
+    assert err.value.code == "model_not_found"
+    assert err.value.body["param"] == "model"
+
+
+async def test_models_lists_every_name_from_every_backend(backend_factory, gateway_factory):
+    _, _, gw = await two_backends(backend_factory, gateway_factory)
+    c = client(gw.url)
+
+    models = [m async for m in c.models.list()]
+    one = await c.models.retrieve("chat-default")
+
+    assert sorted(m.id for m in models) == ["chat-default", "llama-8b", "qwen-7b"]
+    assert all(m.object == "model" and m.owned_by == "llmep" for m in models)
+    assert one.id == "chat-default"
+    with pytest.raises(openai.NotFoundError):
+        await c.models.retrieve("gpt-4")
+
+
+async def test_stream_chunks_arrive_separately_as_the_backend_sends_them(
+    backend_factory, gateway_factory
+):
+    backend = await backend_factory("slow", chunks=4, chunk_delay=0.05)
+    gw = await gateway_factory([{"models": ["m"], "url": backend.url, "ready": True}])
+
+    stream = await client(gw.url).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    arrivals, texts = [], []
+    async for chunk in stream:
+        arrivals.append(time.monotonic())
+        if chunk.choices:
+            texts.append(chunk.choices[0].delta.content)
+
+    assert texts == ["0 ", "1 ", "2 ", "3 "]
+    gaps = [b - a for a, b in zip(arrivals[:4], arrivals[1:4], strict=False)]
+    # Each chunk reached the client about 50 ms after the previous one: none were merged.
+    assert all(gap > 0.03 for gap in gaps), gaps
+
+
+async def test_backend_dying_mid_stream_ends_the_stream_with_an_error_event(
+    backend_factory, gateway_factory
+):
+    backend = await backend_factory("dies", chunks=5, break_after=2)
+    gw = await gateway_factory([{"models": ["m"], "url": backend.url, "ready": True}])
+
+    stream = await client(gw.url).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    texts = []
+    with pytest.raises(openai.APIError) as err:
+        async for chunk in stream:
+            texts.append(chunk.choices[0].delta.content)
+
+    assert texts == ["0 ", "1 "]
+    assert "failed mid-stream" in err.value.message
+    # On the wire: a well-formed error event, then [DONE].
+    async with httpx.AsyncClient() as h:
+        raw = await h.post(
+            f"{gw.url}/chat/completions",
+            json={"model": "m", "messages": [], "stream": True},
+        )
+    assert raw.text.endswith(
+        'data: {"error": {"message": "The backend serving \'m\' failed mid-stream.", '
+        '"type": "server_error", "param": null, "code": "backend_stream_interrupted"}}'
+        "\n\ndata: [DONE]\n\n"
+    )
+
+
+async def test_unreachable_backend_is_502_in_the_envelope(backend_factory, gateway_factory):
+    gw = await gateway_factory([{"models": ["m"], "url": "http://127.0.0.1:9/v1", "ready": True}])
+
+    with pytest.raises(openai.InternalServerError) as err:
+        await client(gw.url).chat.completions.create(model="m", messages=[])
+
+    assert err.value.status_code == 502
+    assert err.value.code == "backend_unavailable"
+
+
+async def test_routing_table_changes_apply_without_restart(backend_factory, gateway_factory):
+    a = await backend_factory("backend-a")
+    b = await backend_factory("backend-b")
+    gw = await gateway_factory([{"models": ["m"], "url": a.url, "ready": True}])
+    c = client(gw.url)
+    msgs = [{"role": "user", "content": "hi"}]
+    before = await c.chat.completions.create(model="m", messages=msgs)
+
+    await gw.set_routes(
+        [
+            {"models": ["m"], "url": b.url, "ready": True},
+            {"models": ["new"], "url": a.url, "ready": True},
+        ]
+    )
+    after = await c.chat.completions.create(model="m", messages=msgs)
+    added = await c.chat.completions.create(model="new", messages=msgs)
+
+    assert before.choices[0].message.content == "from backend-a"
+    assert after.choices[0].message.content == "from backend-b"
+    assert added.choices[0].message.content == "from backend-a"
+
+
+async def test_an_invalid_routes_file_keeps_the_last_good_table(backend_factory, gateway_factory):
+    a = await backend_factory("backend-a")
+    gw = await gateway_factory([{"models": ["m"], "url": a.url, "ready": True}])
+
+    gw.routes_file.write_text("- models: [unclosed\n")
+    await asyncio.sleep(0.2)
+    reply = await client(gw.url).chat.completions.create(model="m", messages=[])
+
+    assert reply.choices[0].message.content == "from backend-a"
+
+
+# -- auth ------------------------------------------------------------------------------
+
+
+async def keyed_gateway(backend_factory, gateway_factory, **settings):
+    return await two_backends(
+        backend_factory,
+        gateway_factory,
+        keys=[
+            {"name": "team-a", "key": GOOD_KEY},
+            {"name": "team-b", "key": SCOPED_KEY, "models": "qwen-7b"},
+        ],
+        **settings,
+    )
+
+
+async def test_request_without_a_key_is_401(backend_factory, gateway_factory):
+    _, _, gw = await keyed_gateway(backend_factory, gateway_factory)
+    async with httpx.AsyncClient() as h:
+        reply = await h.post(f"{gw.url}/chat/completions", json={"model": "qwen-7b"})
+
+    assert reply.status_code == 401
+    assert reply.headers["content-type"].startswith("application/json")
+    assert reply.json()["error"]["code"] == "invalid_api_key"
+
+
+async def test_wrong_key_is_401_on_completions_and_models(backend_factory, gateway_factory):
+    a, _, gw = await keyed_gateway(backend_factory, gateway_factory)
+    c = client(gw.url, key="sk-wrong")
+
+    with pytest.raises(openai.AuthenticationError) as err:
+        await c.chat.completions.create(model="qwen-7b", messages=[])
+    with pytest.raises(openai.AuthenticationError):
+        await c.models.list()
+
+    assert err.value.code == "invalid_api_key"
+    assert a.requests == []
+
+
+async def test_good_key_reaches_every_model(backend_factory, gateway_factory):
+    _, _, gw = await keyed_gateway(backend_factory, gateway_factory)
+    c = client(gw.url, key=GOOD_KEY)
+
+    reply = await c.chat.completions.create(model="llama-8b", messages=[])
+    models = [m.id async for m in c.models.list()]
+
+    assert reply.choices[0].message.content == "from backend-b"
+    assert sorted(models) == ["chat-default", "llama-8b", "qwen-7b"]
+
+
+async def test_scoped_key_sees_and_uses_only_its_models(backend_factory, gateway_factory):
+    _, b, gw = await keyed_gateway(backend_factory, gateway_factory)
+    c = client(gw.url, key=SCOPED_KEY)
+
+    allowed = await c.chat.completions.create(model="qwen-7b", messages=[])
+    via_alias = await c.chat.completions.create(model="chat-default", messages=[])
+    with pytest.raises(openai.NotFoundError) as err:
+        await c.chat.completions.create(model="llama-8b", messages=[])
+    with pytest.raises(openai.NotFoundError):
+        await c.models.retrieve("llama-8b")
+    models = [m.id async for m in c.models.list()]
+
+    assert allowed.choices[0].message.content == "from backend-a"
+    assert via_alias.choices[0].message.content == "from backend-a"
+    # Out of scope looks exactly like a model that does not exist.
+    assert err.value.code == "model_not_found"
+    assert err.value.body["message"] == (
+        "The model 'llama-8b' does not exist or you do not have access to it."
+    )
+    assert sorted(models) == ["chat-default", "qwen-7b"]
+    assert b.requests == []
+
+
+async def test_key_by_sha256_digest(backend_factory, gateway_factory):
+    import hashlib
+
+    digest = hashlib.sha256(GOOD_KEY.encode()).hexdigest()
+    _, _, gw = await two_backends(
+        backend_factory, gateway_factory, keys=[{"name": "hashed", "sha256": digest}]
+    )
+
+    reply = await client(gw.url, key=GOOD_KEY).chat.completions.create(model="qwen-7b", messages=[])
+
+    assert reply.choices[0].message.content == "from backend-a"
+
+
+async def test_anonymous_mode_needs_no_key(backend_factory, gateway_factory):
+    _, _, gw = await two_backends(backend_factory, gateway_factory, anonymous=True)
+    async with httpx.AsyncClient() as h:
+        reply = await h.post(
+            f"{gw.url}/chat/completions", json={"model": "qwen-7b", "messages": []}
+        )
+
+    assert reply.status_code == 200
+    assert reply.json()["choices"][0]["message"]["content"] == "from backend-a"
+
+
+async def test_keys_file_changes_apply_without_restart(backend_factory, gateway_factory):
+    _, _, gw = await keyed_gateway(backend_factory, gateway_factory)
+    c = client(gw.url, key="sk-new-key")
+    with pytest.raises(openai.AuthenticationError):
+        await c.models.list()
+
+    await gw.set_keys([{"name": "new", "key": "sk-new-key"}])
+
+    assert len([m async for m in c.models.list()]) == 3
+    with pytest.raises(openai.AuthenticationError):
+        await client(gw.url, key=GOOD_KEY).models.list()
