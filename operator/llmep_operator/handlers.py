@@ -1,0 +1,89 @@
+"""kopf wiring, and nothing else: each handler delegates to a kopf-free function.
+
+Run with `kopf run -m llmep_operator.handlers` (or `llmep operator`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from llmep_operator import naming
+from llmep_operator.api import GROUP, PLURAL, VERSION
+from llmep_operator.errors import InvalidSpec, NotYet
+from llmep_operator.kube import Kube
+from llmep_operator.reconcile import reconcile, refresh_status
+from llmep_operator.settings import OperatorSettings
+
+SETTINGS = OperatorSettings()
+_kube: Kube | None = None
+log = logging.getLogger(__name__)
+
+
+def kube() -> Kube:
+    global _kube
+    if _kube is None:
+        from llmep_operator.kube import load_config
+
+        load_config()
+        _kube = Kube(SETTINGS.field_manager)
+    return _kube
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=naming.KOPF_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=naming.KOPF_PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.execution.max_workers = 16
+
+
+def _reconcile(body: kopf.Body) -> None:
+    try:
+        reconcile(dict(body), kube(), SETTINGS)
+    except InvalidSpec as error:
+        raise kopf.PermanentError(str(error)) from None
+    except NotYet as error:
+        raise kopf.TemporaryError(str(error), delay=error.delay) from None
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def apply_endpoint(body: kopf.Body, **_: Any) -> None:
+    _reconcile(body)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.drift_check_seconds, initial_delay=SETTINGS.drift_check_seconds, idle=5)
+def correct_drift(body: kopf.Body, **_: Any) -> None:
+    _reconcile(body)
+
+
+@kopf.on.event("ray.io", "v1", "rayservices", labels={naming.ENDPOINT_LABEL: kopf.PRESENT})
+@kopf.on.event("", "v1", "services", labels={naming.ENDPOINT_LABEL: kopf.PRESENT})
+def child_changed(event: dict, labels: dict, namespace: str, **_: Any) -> None:
+    if event.get("type") == "DELETED":
+        # A deleted child is re-created now rather than at the next drift check.
+        _resync(namespace, labels[naming.ENDPOINT_LABEL])
+        return
+    refresh_status(kube(), SETTINGS, namespace, labels[naming.ENDPOINT_LABEL])
+
+
+@kopf.on.event("", "v1", "pods", labels={naming.ENDPOINT_LABEL: kopf.PRESENT})
+def pod_changed(labels: dict, namespace: str, **_: Any) -> None:
+    refresh_status(kube(), SETTINGS, namespace, labels[naming.ENDPOINT_LABEL])
+
+
+def _resync(namespace: str, name: str) -> None:
+    body = kube().get(f"{GROUP}/{VERSION}", "LLMEndpoint", namespace, name)
+    if body and not body["metadata"].get("deletionTimestamp"):
+        try:
+            reconcile(body, kube(), SETTINGS)
+        except (InvalidSpec, NotYet) as error:
+            log.info("not re-creating children of %s/%s: %s", namespace, name, error)

@@ -1,0 +1,109 @@
+"""The only module that talks to the API server: server-side apply, reads, status, events."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from llmep_operator import naming
+from llmep_operator.api import GROUP, KIND, PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+
+# (apiVersion, kind) -> URL path segments for the few kinds the operator manages.
+_RESOURCES = {
+    ("ray.io/v1", "RayService"): ("/apis/ray.io/v1", "rayservices"),
+    ("v1", "Service"): ("/api/v1", "services"),
+    ("v1", "PersistentVolumeClaim"): ("/api/v1", "persistentvolumeclaims"),
+    (f"{GROUP}/{VERSION}", KIND): (f"/apis/{GROUP}/{VERSION}", PLURAL),
+}
+
+
+def load_config() -> None:
+    """In-cluster config in a pod, otherwise KUBECONFIG / ~/.kube/config."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+class Kube:
+    def __init__(self, field_manager: str, api_client: client.ApiClient | None = None):
+        self.field_manager = field_manager
+        self.api = api_client or client.ApiClient()
+        self.core = client.CoreV1Api(self.api)
+
+    def _path(self, api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
+        try:
+            prefix, plural = _RESOURCES[(api_version, kind)]
+        except KeyError:
+            raise ValueError(f"the operator does not manage {kind} ({api_version})") from None
+        path = f"{prefix}/namespaces/{namespace}/{plural}"
+        return f"{path}/{name}" if name else path
+
+    def _call(self, method: str, path: str, body: Any = None, query: list | None = None, content_type: str = "application/json") -> Any:
+        return self.api.call_api(
+            path,
+            method,
+            query_params=query or [],
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            body=body,
+            response_type="object",
+            auth_settings=["BearerToken"],
+            _return_http_data_only=True,
+        )
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply under the operator's field manager; our fields win conflicts."""
+        meta = obj["metadata"]
+        path = self._path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        query = [("fieldManager", self.field_manager), ("force", "true")]
+        return self._call("PATCH", path, obj, query, "application/apply-patch+yaml")
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call("GET", self._path(api_version, kind, namespace, name))
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def pods_of(self, namespace: str, endpoint: str) -> list[dict[str, Any]]:
+        selector = f"{naming.ENDPOINT_LABEL}={endpoint}"
+        result = self._call("GET", f"/api/v1/namespaces/{namespace}/pods", query=[("labelSelector", selector)])
+        return result.get("items", [])
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        path = self._path(f"{GROUP}/{VERSION}", KIND, namespace, name) + "/status"
+        self._call("PATCH", path, {"status": status}, content_type="application/merge-patch+json")
+
+    def post_event(self, involved: dict[str, Any], event_type: str, reason: str, message: str) -> None:
+        meta = involved["metadata"]
+        now = datetime.now(UTC)
+        event = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
+            involved_object=client.V1ObjectReference(
+                api_version=f"{GROUP}/{VERSION}",
+                kind=KIND,
+                name=meta["name"],
+                namespace=meta["namespace"],
+                uid=meta.get("uid"),
+                resource_version=meta.get("resourceVersion"),
+            ),
+            type=event_type,
+            reason=reason,
+            message=message[:1024],
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+            source=client.V1EventSource(component=self.field_manager),
+            reporting_component=self.field_manager,
+        )
+        try:
+            self.core.create_namespaced_event(meta["namespace"], event)
+        except ApiException as error:  # an event is a courtesy; status already says it
+            log.warning("could not post event %s on %s: %s", reason, meta["name"], error.reason)

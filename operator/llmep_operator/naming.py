@@ -1,0 +1,49 @@
+"""Label keys, annotation keys and child names: the one place they are derived."""
+
+from __future__ import annotations
+
+from llmep_operator.api.models import GROUP
+
+ENDPOINT_LABEL = f"{GROUP}/endpoint"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "llmep-operator"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+SERVE_LABEL = "ray.io/serve"  # KubeRay marks pods whose Serve proxy is healthy
+WORKER_GROUP = "workers"
+APP_NAME = "llm"
+KOPF_PREFIX = GROUP  # kopf's progress and diff-base annotations live under llmep.io
+
+
+class NameTooLong(ValueError):
+    pass
+
+
+def _checked(name: str) -> str:
+    if len(name) > 63:
+        raise NameTooLong(f"child name {name!r} is longer than 63 characters")
+    return name
+
+
+def rayservice_name(endpoint: str) -> str:
+    return _checked(endpoint)
+
+
+def serve_service_name(endpoint: str) -> str:
+    return _checked(f"{endpoint}-serve")
+
+
+def cache_pvc_name(endpoint: str) -> str:
+    return _checked(f"{endpoint}-weights")
+
+
+def longest_child_name(endpoint: str) -> str:
+    """KubeRay names the RayCluster `<rayservice>-xxxxx` and its head Service `<cluster>-head-svc`."""
+    return f"{endpoint}-xxxxx-head-svc"
+
+
+def labels(endpoint: str) -> dict[str, str]:
+    return {ENDPOINT_LABEL: endpoint, MANAGED_BY_LABEL: MANAGED_BY}
+
+
+def service_url(endpoint: str, namespace: str, domain: str, port: int) -> str:
+    return f"http://{serve_service_name(endpoint)}.{namespace}.{domain}:{port}/v1"

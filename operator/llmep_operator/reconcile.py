@@ -1,0 +1,101 @@
+"""One idempotent reconcile for create, update, resume and the drift timer; no kopf in here.
+
+Flow: parse and plan (pure) -> apply every child with server-side apply -> observe the
+RayService and pods -> write status when it changed -> post an Event when Ready flipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from llmep_operator import naming
+from llmep_operator.api import SpecError, parse_endpoint
+from llmep_operator.errors import InvalidSpec, NotYet
+from llmep_operator.kube import Kube
+from llmep_operator.render import build_children, make_plan
+from llmep_operator.render.rayservice import RAY_API_VERSION
+from llmep_operator.settings import OperatorSettings
+from llmep_operator.status import Observation, build_status, ready_transition
+
+log = logging.getLogger(__name__)
+
+
+def _observation(body: dict[str, Any], settings: OperatorSettings) -> tuple[Observation, list[dict] | None]:
+    """Parse and plan; an invalid spec becomes an observation, not an exception, so status is written."""
+    meta = body["metadata"]
+    generation = meta.get("generation", 0)
+    try:
+        endpoint = parse_endpoint(body)
+        plan = make_plan(endpoint, settings)
+        children = build_children(endpoint, settings, owner_uid=meta.get("uid"))
+    except (SpecError, InvalidSpec, naming.NameTooLong) as error:
+        models = [(body.get("spec", {}).get("model", {}) or {}).get("servedName") or meta["name"]]
+        return Observation(generation, models, None, 0, invalid=str(error)), None
+    url = naming.service_url(plan.name, plan.namespace, settings.cluster_domain, settings.serve_port)
+    obs = Observation(
+        generation=generation,
+        models=endpoint.model_ids,
+        url=url,
+        min_replicas=endpoint.spec.autoscaling.min_replicas,
+        workers_per_replica=plan.workers_per_replica,
+    )
+    return obs, children
+
+
+def _observe_cluster(kube: Kube, obs: Observation, namespace: str, name: str, rayservice: dict | None = None) -> None:
+    obs.rayservice = rayservice or kube.get(RAY_API_VERSION, "RayService", namespace, naming.rayservice_name(name))
+    obs.pods = kube.pods_of(namespace, name)
+
+
+def _write_status(kube: Kube, body: dict[str, Any], obs: Observation) -> dict[str, Any]:
+    meta = body["metadata"]
+    old = body.get("status") or {}
+    new = build_status(obs, old)
+    if new != {k: old.get(k) for k in new} or set(old) - set(new) - {"kopf"}:
+        kube.patch_status(meta["namespace"], meta["name"], new)
+        transition = ready_transition(old, new)
+        if transition:
+            kube.post_event(body, *transition)
+    return new
+
+
+def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> dict[str, Any]:
+    """Bring the children to the spec and the status to what the cluster shows.
+
+    Raises InvalidSpec (after writing status and an Event) when the spec cannot be served,
+    and NotYet when KubeRay is missing.
+    """
+    meta = body["metadata"]
+    obs, children = _observation(body, settings)
+    if children is None:
+        # Nothing is applied for a spec that cannot work: no half-built endpoint.
+        _write_status(kube, body, obs)
+        raise InvalidSpec(obs.invalid or "invalid spec")
+    applied_rayservice = None
+    for child in children:
+        try:
+            result = kube.apply(child)
+        except ApiException as error:
+            if error.status == 404 and child["kind"] == "RayService":
+                raise NotYet("the RayService CRD (ray.io/v1) is not installed: install KubeRay first") from None
+            raise
+        if child["kind"] == "RayService":
+            applied_rayservice = result
+    _observe_cluster(kube, obs, meta["namespace"], meta["name"], applied_rayservice)
+    return _write_status(kube, body, obs)
+
+
+def refresh_status(kube: Kube, settings: OperatorSettings, namespace: str, name: str) -> dict[str, Any] | None:
+    """Recompute status after a child changed, without applying anything."""
+    from llmep_operator.api import GROUP, KIND, VERSION
+
+    body = kube.get(f"{GROUP}/{VERSION}", KIND, namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None
+    obs, children = _observation(body, settings)
+    if children is not None:
+        _observe_cluster(kube, obs, namespace, name)
+    return _write_status(kube, body, obs)

@@ -1,0 +1,140 @@
+"""The serving plan: what one LLMEndpoint needs from the cluster, derived once, checked once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmep_operator import naming
+from llmep_operator.api import LLMEndpoint
+from llmep_operator.errors import InvalidSpec
+from llmep_operator.settings import OperatorSettings, ResourceProfile
+
+MODEL_MOUNT_ROOT = "/mnt/models"
+CACHE_MOUNT = "/home/ray/.cache/huggingface"
+HF_TOKEN_ENV = "HF_TOKEN"
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    endpoint: LLMEndpoint
+    profile_name: str
+    profile: ResourceProfile
+    image: str
+    gpus_per_replica: int
+    gpus_per_worker: int
+    workers_per_replica: int
+    model_source: Any
+    volumes: list[dict[str, Any]] = field(default_factory=list)
+    volume_mounts: list[dict[str, Any]] = field(default_factory=list)
+    env: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.endpoint.metadata.namespace or "default"
+
+    @property
+    def min_workers(self) -> int:
+        return self.endpoint.spec.autoscaling.min_replicas * self.workers_per_replica
+
+    @property
+    def max_workers(self) -> int:
+        return self.endpoint.spec.autoscaling.max_replicas * self.workers_per_replica
+
+
+def _split_gpus(name: str, profile: ResourceProfile, gpus: int) -> tuple[int, int]:
+    """GPUs per worker pod and worker pods per replica."""
+    if profile.is_cpu:
+        return 0, 1
+    if gpus <= profile.gpus_per_node:
+        return gpus, 1
+    if gpus % profile.gpus_per_node:
+        raise InvalidSpec(
+            f"engine.tensorParallelSize × engine.pipelineParallelSize = {gpus} GPUs per replica does "
+            f"not split into whole nodes of profile {name!r} ({profile.gpus_per_node} GPUs each): "
+            f"use a multiple of {profile.gpus_per_node}"
+        )
+    return profile.gpus_per_node, gpus // profile.gpus_per_node
+
+
+def _model_source(endpoint: LLMEndpoint) -> tuple[Any, list[dict], list[dict]]:
+    source = endpoint.spec.model.source
+    scheme, _, rest = source.partition("://")
+    if scheme == "hf":
+        return rest, [], []
+    if scheme == "file":
+        return rest, [], []  # file:///abs/path -> /abs/path
+    if scheme == "pvc":
+        claim, _, path = rest.partition("/")
+        mount = f"{MODEL_MOUNT_ROOT}/{claim}"
+        volume = {"name": "model-weights", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        mount_spec = {"name": "model-weights", "mountPath": mount, "readOnly": True}
+        return f"{mount}/{path}".rstrip("/"), [volume], [mount_spec]
+    # s3:// and gs:// are mirrored by Ray Serve LLM itself.
+    return {"bucket_uri": source}, [], []
+
+
+def _secret_env(endpoint: LLMEndpoint) -> list[dict[str, Any]]:
+    ref = endpoint.spec.model.token_secret_ref
+    if ref is None:
+        return []
+    # The token reaches processes through the pod's environment; it is never inlined.
+    value_from = {"secretKeyRef": {"name": ref.name, "key": ref.key}}
+    return [
+        {"name": HF_TOKEN_ENV, "valueFrom": value_from},
+        {"name": "HUGGING_FACE_HUB_TOKEN", "valueFrom": value_from},
+    ]
+
+
+def make_plan(endpoint: LLMEndpoint, settings: OperatorSettings) -> ServingPlan:
+    resources = endpoint.spec.resources
+    profile = settings.profile(resources.profile_name)
+    if profile is None:
+        known = ", ".join(sorted({*settings.profiles, "default"}))
+        raise InvalidSpec(
+            f"spec.resources.profile {resources.profile_name!r} is not a profile of this operator; "
+            f"known profiles: {known}"
+        )
+    profile_name = settings.default_profile if resources.profile_name == "default" else resources.profile_name
+    gpus = endpoint.spec.engine.gpus_per_replica
+    if profile.is_cpu and gpus > 1:
+        raise InvalidSpec(
+            f"profile {profile_name!r} has no GPUs, so engine.tensorParallelSize and "
+            "engine.pipelineParallelSize must be 1"
+        )
+    gpus_per_worker, workers = _split_gpus(profile_name, profile, gpus)
+    source, volumes, mounts = _model_source(endpoint)
+    env = _secret_env(endpoint)
+    if endpoint.spec.cache.enabled:
+        volumes.append(
+            {"name": "weights-cache", "persistentVolumeClaim": {"claimName": naming.cache_pvc_name(endpoint.metadata.name)}}
+        )
+        mounts.append({"name": "weights-cache", "mountPath": CACHE_MOUNT})
+        env.append({"name": "HF_HOME", "value": CACHE_MOUNT})
+    image = endpoint.spec.image or profile.image or settings.image
+    return ServingPlan(
+        endpoint=endpoint,
+        profile_name=profile_name,
+        profile=profile,
+        image=image,
+        gpus_per_replica=gpus,
+        gpus_per_worker=gpus_per_worker,
+        workers_per_replica=workers,
+        model_source=source,
+        volumes=volumes,
+        volume_mounts=mounts,
+        env=env,
+    )
+
+
+def quantity_times(quantity: str, factor: int) -> str:
+    """'8' × 2 = '16', '64Gi' × 2 = '128Gi' (only the integer forms profiles use)."""
+    digits = quantity.rstrip("KMGTPEikmgtpe")
+    unit = quantity[len(digits):]
+    if not digits.isdigit():
+        raise InvalidSpec(f"resource quantity {quantity!r} in a profile must be an integer with an optional unit")
+    return f"{int(digits) * max(factor, 1)}{unit}"

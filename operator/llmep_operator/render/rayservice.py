@@ -1,0 +1,181 @@
+"""The KubeRay RayService: a CPU head, a GPU worker group from the resource profile, the Ray
+autoscaler on, and the serveConfigV2 from serve_config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmep_operator import naming
+from llmep_operator.api import LLMEndpoint
+from llmep_operator.render.plan import ServingPlan, make_plan, quantity_times
+from llmep_operator.render.security import container_security_context, pod_security_context, writable_volumes
+from llmep_operator.render.serve_config import build_serve_config, render_serve_config
+from llmep_operator.settings import OperatorSettings
+
+RAY_API_VERSION = "ray.io/v1"
+
+
+def owner_reference(endpoint: LLMEndpoint, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": endpoint.api_version,
+        "kind": endpoint.kind,
+        "name": endpoint.metadata.name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(plan: ServingPlan, name: str, owner_uid: str | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": plan.namespace, "labels": naming.labels(plan.name)}
+    if owner_uid:
+        meta["ownerReferences"] = [owner_reference(plan.endpoint, owner_uid)]
+    return meta
+
+
+def _container(plan: ServingPlan, name: str, image: str, resources: dict, ports: list[dict] | None = None) -> dict:
+    mounts = [*writable_volumes()["mounts"], *plan.volume_mounts]
+    container: dict[str, Any] = {
+        "name": name,
+        "image": image,
+        "resources": resources,
+        "securityContext": container_security_context(),
+        "volumeMounts": mounts,
+    }
+    if plan.env:
+        container["env"] = list(plan.env)
+    if ports:
+        container["ports"] = ports
+    return container
+
+
+def _pod_template(plan: ServingPlan, container: dict, node_selector: dict, tolerations: list) -> dict:
+    spec: dict[str, Any] = {
+        "securityContext": pod_security_context(),
+        "containers": [container],
+        "volumes": [*writable_volumes()["volumes"], *plan.volumes],
+    }
+    if node_selector:
+        spec["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        spec["tolerations"] = tolerations
+    return {"metadata": {"labels": naming.labels(plan.name)}, "spec": spec}
+
+
+def _head_group(plan: ServingPlan, settings: OperatorSettings) -> dict[str, Any]:
+    resources = {"cpu": settings.head_cpu, "memory": settings.head_memory}
+    ports = [
+        {"name": "gcs-server", "containerPort": 6379},
+        {"name": "dashboard", "containerPort": 8265},
+        {"name": "client", "containerPort": 10001},
+        {"name": "serve", "containerPort": settings.serve_port},
+    ]
+    image = settings.head_image or plan.image
+    container = _container(plan, "ray-head", image, {"requests": resources, "limits": dict(resources)}, ports)
+    return {
+        # The head schedules no replicas: GPU work goes to workers, which the autoscaler adds.
+        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},  # noqa: S104 - inside the pod
+        "template": _pod_template(plan, container, settings.head_node_selector, []),
+    }
+
+
+def _worker_resources(plan: ServingPlan) -> dict[str, Any]:
+    profile = plan.profile
+    units = max(plan.gpus_per_worker, 1)
+    resources = {
+        "cpu": quantity_times(profile.cpu_per_gpu, units),
+        "memory": quantity_times(profile.memory_per_gpu, units),
+    }
+    if plan.gpus_per_worker:
+        resources[profile.gpu_resource] = str(plan.gpus_per_worker)
+    return {"requests": dict(resources), "limits": dict(resources)}
+
+
+def _worker_group(plan: ServingPlan) -> dict[str, Any]:
+    profile = plan.profile
+    container = _container(plan, "ray-worker", plan.image, _worker_resources(plan))
+    tolerations = [t.model_dump(exclude_none=True) for t in profile.tolerations]
+    return {
+        "groupName": naming.WORKER_GROUP,
+        "replicas": plan.min_workers,
+        "minReplicas": plan.min_workers,
+        "maxReplicas": plan.max_workers,
+        "numOfHosts": 1,
+        "rayStartParams": {},
+        "template": _pod_template(plan, container, profile.node_selector, tolerations),
+    }
+
+
+def build_rayservice(
+    endpoint: LLMEndpoint, settings: OperatorSettings, owner_uid: str | None = None
+) -> dict[str, Any]:
+    plan = make_plan(endpoint, settings)
+    serve_config = build_serve_config(endpoint, settings)
+    return {
+        "apiVersion": RAY_API_VERSION,
+        "kind": "RayService",
+        "metadata": _metadata(plan, naming.rayservice_name(plan.name), owner_uid),
+        "spec": {
+            "serveConfigV2": render_serve_config(serve_config),
+            "rayClusterConfig": {
+                "rayVersion": settings.ray_version,
+                "enableInTreeAutoscaling": True,
+                "autoscalerOptions": {
+                    "upscalingMode": "Default",
+                    "idleTimeoutSeconds": settings.autoscaler_idle_timeout_seconds,
+                    "securityContext": container_security_context(),
+                },
+                "headGroupSpec": _head_group(plan, settings),
+                "workerGroupSpecs": [_worker_group(plan)],
+            },
+        },
+    }
+
+
+def build_serve_service(
+    endpoint: LLMEndpoint, settings: OperatorSettings, owner_uid: str | None = None
+) -> dict[str, Any]:
+    """`<name>-serve`: Serve's HTTP proxies of this endpoint, across RayCluster upgrades."""
+    plan = make_plan(endpoint, settings)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(plan, naming.serve_service_name(plan.name), owner_uid),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {naming.ENDPOINT_LABEL: plan.name, naming.SERVE_LABEL: "true"},
+            "ports": [{"name": "http", "port": settings.serve_port, "targetPort": settings.serve_port, "protocol": "TCP"}],
+        },
+    }
+
+
+def build_cache_pvc(
+    endpoint: LLMEndpoint, settings: OperatorSettings, owner_uid: str | None = None
+) -> dict[str, Any] | None:
+    cache = endpoint.spec.cache
+    if not cache.enabled:
+        return None
+    plan = make_plan(endpoint, settings)
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteMany"],
+        "resources": {"requests": {"storage": cache.size}},
+    }
+    if cache.storage_class_name:
+        spec["storageClassName"] = cache.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(plan, naming.cache_pvc_name(plan.name), owner_uid),
+        "spec": spec,
+    }
+
+
+def build_children(endpoint: LLMEndpoint, settings: OperatorSettings, owner_uid: str | None = None) -> list[dict]:
+    """Every object the operator applies for one endpoint, in apply order."""
+    children = []
+    pvc = build_cache_pvc(endpoint, settings, owner_uid)
+    if pvc:
+        children.append(pvc)
+    children.append(build_rayservice(endpoint, settings, owner_uid))
+    children.append(build_serve_service(endpoint, settings, owner_uid))
+    return children

@@ -1,0 +1,109 @@
+"""serveConfigV2: one application running `ray.serve.llm:build_openai_app` with one LLMConfig.
+
+The same builder feeds the operator's RayService and local mode (`llmep serve`), so what is
+tested on a laptop is what runs on the cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from llmep_operator import naming
+from llmep_operator.api import LLMEndpoint
+from llmep_operator.render.plan import ServingPlan, make_plan
+from llmep_operator.settings import OperatorSettings
+
+IMPORT_PATH = "ray.serve.llm:build_openai_app"
+
+
+def _engine_kwargs(plan: ServingPlan) -> dict[str, Any]:
+    engine = plan.endpoint.spec.engine
+    kwargs: dict[str, Any] = dict(plan.profile.engine_defaults)
+    kwargs["tensor_parallel_size"] = engine.tensor_parallel_size
+    kwargs["pipeline_parallel_size"] = engine.pipeline_parallel_size
+    if engine.dtype != "auto" or "dtype" not in kwargs:
+        kwargs["dtype"] = engine.dtype
+    if engine.max_model_len is not None:
+        kwargs["max_model_len"] = engine.max_model_len
+    if engine.gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    if plan.endpoint.spec.model.revision:
+        kwargs["revision"] = plan.endpoint.spec.model.revision
+    kwargs.update(engine.extra_args)
+    return kwargs
+
+
+def _autoscaling(plan: ServingPlan) -> dict[str, Any]:
+    scaling = plan.endpoint.spec.autoscaling
+    return {
+        "min_replicas": scaling.min_replicas,
+        "max_replicas": scaling.max_replicas,
+        "target_ongoing_requests": scaling.target_queue_depth,
+        "upscale_delay_s": scaling.scale_up_delay_seconds,
+        "downscale_delay_s": scaling.scale_down_delay_seconds,
+    }
+
+
+def _placement_group(plan: ServingPlan) -> dict[str, Any] | None:
+    if plan.profile.is_cpu:
+        return {"bundles": [{"CPU": 1}], "strategy": "PACK"}
+    if plan.workers_per_replica > 1:
+        # One GPU per bundle, packed onto as few nodes as possible: spans nodes when it must.
+        return {"bundles": [{"GPU": 1} for _ in range(plan.gpus_per_replica)], "strategy": "PACK"}
+    return None
+
+
+def build_llm_config(plan: ServingPlan) -> dict[str, Any]:
+    endpoint = plan.endpoint
+    env_vars = {**plan.profile.env, **endpoint.spec.engine.env}
+    config: dict[str, Any] = {
+        "model_loading_config": {"model_id": endpoint.served_name, "model_source": plan.model_source},
+        "engine_kwargs": _engine_kwargs(plan),
+        "deployment_config": {
+            "autoscaling_config": _autoscaling(plan),
+            "max_ongoing_requests": endpoint.spec.autoscaling.effective_max_ongoing_requests,
+        },
+    }
+    if plan.profile.accelerator_type:
+        config["accelerator_type"] = plan.profile.accelerator_type
+    placement = _placement_group(plan)
+    if placement:
+        config["placement_group_config"] = placement
+    if env_vars:
+        config["runtime_env"] = {"env_vars": env_vars}
+    if plan.profile.stream_batching_interval_ms is not None:
+        config["experimental_configs"] = {"stream_batching_interval_ms": plan.profile.stream_batching_interval_ms}
+    return config
+
+
+def build_application(plan: ServingPlan) -> dict[str, Any]:
+    return {
+        "name": naming.APP_NAME,
+        "route_prefix": "/",
+        "import_path": IMPORT_PATH,
+        "args": {"llm_configs": [build_llm_config(plan)]},
+    }
+
+
+def build_serve_config(endpoint: LLMEndpoint, settings: OperatorSettings) -> dict[str, Any]:
+    """The whole serveConfigV2 document, as data."""
+    plan = make_plan(endpoint, settings)
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": settings.serve_port},  # noqa: S104 - inside the pod
+        "applications": [build_application(plan)],
+    }
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    """Plain YAML without &anchors, so the text reads like a hand-written config."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def render_serve_config(serve_config: dict[str, Any]) -> str:
+    """YAML text for RayService.spec.serveConfigV2 (KubeRay takes a string)."""
+    return yaml.dump(serve_config, Dumper=_NoAliasDumper, sort_keys=False)

@@ -1,0 +1,166 @@
+"""Operator settings: one validated object, loaded once at startup, rendered by the chart.
+
+Sources, highest first: environment variables (LLMEP_*, nested with __), then the YAML file
+named by LLMEP_CONFIG (the chart mounts one), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+DEFAULT_RAY_IMAGE = "rayproject/ray-llm:2.60.0-py311-cu128"
+DEFAULT_CPU_RAY_IMAGE = "ghcr.io/llmep/llmep-serving-cpu:0.1.0"
+RAY_VERSION = "2.60.0"
+
+
+class Toleration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(description="Taint key to tolerate.")
+    operator: Literal["Exists", "Equal"] = Field(default="Exists", description="Exists or Equal.")
+    value: str | None = Field(default=None, description="Taint value, with operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect; empty tolerates every effect."
+    )
+
+
+class ResourceProfile(BaseModel):
+    """Where and how big one model replica's workers are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpus_per_node: int = Field(
+        ge=0, description="Accelerators one node of this kind holds; 0 for a CPU-only profile."
+    )
+    gpu_resource: str = Field(default="nvidia.com/gpu", description="Extended resource name of the accelerator.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Labels a worker node must carry.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Taints worker pods tolerate.")
+    cpu_per_gpu: str = Field(default="8", description="CPU requested per GPU in a worker pod (per worker for CPU profiles).")
+    memory_per_gpu: str = Field(default="64Gi", description="Memory requested per GPU in a worker pod (per worker for CPU profiles).")
+    accelerator_type: str | None = Field(
+        default=None, description="Ray accelerator_type (e.g. H100, L4), so replicas land on that GPU."
+    )
+    image: str | None = Field(default=None, description="Serving image for this profile; default: settings.image.")
+    engine_defaults: dict[str, Any] = Field(
+        default_factory=dict, description="vLLM engine kwargs applied unless the endpoint sets them."
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="Environment for engine processes.")
+    stream_batching_interval_ms: int | None = Field(
+        default=None,
+        ge=0,
+        description="Ray Serve LLM stream batching interval; 0 sends each token as it is made.",
+    )
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.gpus_per_node == 0
+
+
+_TAINT = [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
+_PRODUCT = "nvidia.com/gpu.product"
+
+
+def default_profiles() -> dict[str, ResourceProfile]:
+    return {
+        "nvidia-h100": ResourceProfile(
+            gpus_per_node=8,
+            node_selector={_PRODUCT: "NVIDIA-H100-80GB-HBM3"},
+            tolerations=_TAINT,
+            cpu_per_gpu="8",
+            memory_per_gpu="64Gi",
+            accelerator_type="H100",
+        ),
+        "nvidia-a100-80gb": ResourceProfile(
+            gpus_per_node=8,
+            node_selector={_PRODUCT: "NVIDIA-A100-SXM4-80GB"},
+            tolerations=_TAINT,
+            accelerator_type="A100-80G",
+        ),
+        "nvidia-l4": ResourceProfile(
+            gpus_per_node=1,
+            node_selector={_PRODUCT: "NVIDIA-L4"},
+            tolerations=_TAINT,
+            cpu_per_gpu="4",
+            memory_per_gpu="16Gi",
+            accelerator_type="L4",
+        ),
+        "gke-l4": ResourceProfile(
+            gpus_per_node=1,
+            node_selector={"cloud.google.com/gke-accelerator": "nvidia-l4"},
+            tolerations=_TAINT,
+            cpu_per_gpu="4",
+            memory_per_gpu="16Gi",
+            accelerator_type="L4",
+        ),
+        # vLLM's CPU build: what it needs lives here, not in a fork of the builders.
+        "cpu": ResourceProfile(
+            gpus_per_node=0,
+            cpu_per_gpu="2",
+            memory_per_gpu="8Gi",
+            image=DEFAULT_CPU_RAY_IMAGE,
+            engine_defaults={"dtype": "float32", "distributed_executor_backend": "mp"},
+            env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+            stream_batching_interval_ms=0,
+        ),
+    }
+
+
+class OperatorSettings(BaseSettings):
+    """Everything the operator needs to know besides the LLMEndpoints themselves."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMEP_", env_nested_delimiter="__", extra="forbid")
+
+    profiles: dict[str, ResourceProfile] = Field(default_factory=default_profiles, description="Named resource profiles.")
+    default_profile: str = Field(default="nvidia-l4", description="Profile used when an endpoint says `default`.")
+    image: str = Field(default=DEFAULT_RAY_IMAGE, description="Default image for the Ray head and GPU workers.")
+    head_image: str | None = Field(default=None, description="Image for the Ray head; default: the workers' image.")
+    ray_version: str = Field(default=RAY_VERSION, description="Ray version inside the images (KubeRay's rayVersion).")
+    head_cpu: str = Field(default="2", description="CPU of the Ray head pod.")
+    head_memory: str = Field(default="8Gi", description="Memory of the Ray head pod.")
+    head_node_selector: dict[str, str] = Field(default_factory=dict, description="Labels for the Ray head's node.")
+    namespaces: list[str] = Field(
+        default_factory=list, description="Namespaces to watch; empty watches the whole cluster."
+    )
+    gateway_service: str = Field(default="llmep-gateway", description="Service name of the gateway.")
+    field_manager: str = Field(default="llmep-operator", description="Server-side apply field manager.")
+    drift_check_seconds: float = Field(default=60.0, gt=0, description="How often children are re-applied.")
+    status_poll_seconds: float = Field(default=10.0, gt=0, description="How often status is refreshed while not Serving.")
+    autoscaler_idle_timeout_seconds: int = Field(
+        default=300, ge=0, description="How long an idle GPU worker pod is kept before KubeRay removes it."
+    )
+    cluster_domain: str = Field(default="svc", description="Suffix of in-cluster service URLs (svc or svc.cluster.local).")
+    serve_port: int = Field(default=8000, description="Ray Serve's HTTP port.")
+
+    @model_validator(mode="after")
+    def _default_profile_exists(self) -> OperatorSettings:
+        if self.default_profile not in self.profiles:
+            raise ValueError(
+                f"default_profile {self.default_profile!r} is not one of the profiles: "
+                + ", ".join(sorted(self.profiles))
+            )
+        return self
+
+    def profile(self, name: str) -> ResourceProfile | None:
+        return self.profiles.get(self.default_profile if name == "default" else name)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("LLMEP_CONFIG")
+        if config_file:
+            if not Path(config_file).is_file():
+                raise FileNotFoundError(f"LLMEP_CONFIG names {config_file}, which is not a file")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)

@@ -1,0 +1,174 @@
+"""Status from what the cluster shows: pure functions from observations to conditions.
+
+No `phase` state machine: each cycle derives Ready, Progressing and Degraded afresh from the
+RayService and the endpoint's pods, and keeps `lastTransitionTime` only when a status flips.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from llmep_operator import naming
+from llmep_operator.api import Reason
+
+READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
+APP_FAILED = {"DEPLOY_FAILED", "UNHEALTHY"}
+WARNING_REASONS = {Reason.INVALID_SPEC, Reason.WAITING_FOR_GPU_NODE, Reason.BACKEND_FAILED}
+
+
+@dataclass
+class Observation:
+    """What one reconcile cycle saw for an endpoint."""
+
+    generation: int
+    models: list[str]
+    url: str | None
+    min_replicas: int
+    workers_per_replica: int = 1
+    invalid: str | None = None
+    rayservice: dict[str, Any] | None = None
+    pods: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ready: bool
+    reason: Reason
+    message: str
+    progressing: bool
+    progressing_reason: Reason
+    degraded: bool
+    degraded_reason: Reason
+    degraded_message: str = ""
+
+
+def _condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:
+    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == kind:
+            return cond
+    return None
+
+
+def _is_worker(pod: dict[str, Any]) -> bool:
+    return (pod.get("metadata", {}).get("labels") or {}).get("ray.io/node-type") == "worker"
+
+
+def _pod_ready(pod: dict[str, Any]) -> bool:
+    cond = _condition(pod, "Ready")
+    return bool(cond and cond.get("status") == "True")
+
+
+def unschedulable_reason(pods: list[dict[str, Any]]) -> str | None:
+    """The scheduler's own words for the first pod it could not place."""
+    for pod in pods:
+        cond = _condition(pod, "PodScheduled")
+        if cond and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+            name = pod.get("metadata", {}).get("name", "a pod")
+            return f"pod {name} cannot be scheduled: {cond.get('message', 'no node fits')}"
+    return None
+
+
+def replica_counts(obs: Observation) -> tuple[int, int]:
+    """(desired, ready) model replicas, from the worker pods that carry them."""
+    workers = [p for p in obs.pods if _is_worker(p) and not p.get("metadata", {}).get("deletionTimestamp")]
+    per = max(obs.workers_per_replica, 1)
+    ready = sum(1 for p in workers if _pod_ready(p))
+    return len(workers) // per, ready // per
+
+
+def _app_status(rayservice: dict[str, Any]) -> tuple[str, str]:
+    active = (rayservice.get("status") or {}).get("activeServiceStatus") or {}
+    app = (active.get("applicationStatuses") or {}).get(naming.APP_NAME) or {}
+    message = app.get("message", "")
+    for name, deployment in (app.get("serveDeploymentStatuses") or {}).items():
+        if deployment.get("message") and not message:
+            message = f"{name}: {deployment['message']}"
+    return app.get("status", ""), message
+
+
+def judge(obs: Observation) -> Verdict:
+    if obs.invalid:
+        return Verdict(False, Reason.INVALID_SPEC, obs.invalid, False, Reason.INVALID_SPEC, True, Reason.INVALID_SPEC, obs.invalid)
+    if obs.rayservice is None:
+        return Verdict(False, Reason.RECONCILING, "creating the RayService", True, Reason.RECONCILING, False, Reason.AS_EXPECTED)
+
+    _, ready_replicas = replica_counts(obs)
+    pending = unschedulable_reason(obs.pods)
+    app_status, app_message = _app_status(obs.rayservice)
+    kuberay_ready = _condition(obs.rayservice, "Ready")
+    serving = bool(kuberay_ready and kuberay_ready.get("status") == "True") or (
+        (obs.rayservice.get("status") or {}).get("serviceStatus") == "Running"
+    )
+
+    if app_status in APP_FAILED:
+        message = f"Ray Serve application is {app_status}: {app_message}".rstrip(": ")
+        return Verdict(serving, Reason.BACKEND_FAILED, message, False, Reason.BACKEND_FAILED, True, Reason.BACKEND_FAILED, message)
+    if serving:
+        scaled_to_zero = ready_replicas == 0 and obs.min_replicas == 0
+        reason = Reason.SCALED_TO_ZERO if scaled_to_zero else Reason.SERVING
+        message = (
+            "no replica is running; the next request starts one" if scaled_to_zero else f"{ready_replicas} replica(s) serving"
+        )
+        if pending:  # scaling up, but a new GPU worker has nowhere to go
+            return Verdict(True, reason, message, True, Reason.WAITING_FOR_GPU_NODE, False, Reason.AS_EXPECTED)
+        return Verdict(True, reason, message, False, Reason.AS_EXPECTED, False, Reason.AS_EXPECTED)
+    if pending:
+        return Verdict(False, Reason.WAITING_FOR_GPU_NODE, pending, True, Reason.WAITING_FOR_GPU_NODE, False, Reason.AS_EXPECTED)
+    workers = [p for p in obs.pods if _is_worker(p)]
+    if workers and all(_pod_ready(p) for p in workers):
+        message = app_message or "GPU workers are up; Ray Serve is loading the model"
+        return Verdict(False, Reason.LOADING_MODEL, message, True, Reason.LOADING_MODEL, False, Reason.AS_EXPECTED)
+    message = app_message or (f"Ray Serve application is {app_status}" if app_status else "waiting for the Ray cluster to start")
+    return Verdict(False, Reason.DEPLOYING, message, True, Reason.DEPLOYING, False, Reason.AS_EXPECTED)
+
+
+def _merge_condition(old: list[dict[str, Any]], kind: str, status: bool, reason: Reason, message: str, generation: int, now: str) -> dict[str, Any]:
+    value = "True" if status else "False"
+    previous = next((c for c in old if c.get("type") == kind), None)
+    changed = previous is None or previous.get("status") != value
+    return {
+        "type": kind,
+        "status": value,
+        "reason": reason.value,
+        "message": message[:32_000],
+        "lastTransitionTime": now if changed else previous.get("lastTransitionTime", now),
+        "observedGeneration": generation,
+    }
+
+
+def build_status(obs: Observation, old_status: dict[str, Any] | None, now: datetime | None = None) -> dict[str, Any]:
+    """The whole new status; equal to the old one when nothing changed."""
+    old_status = old_status or {}
+    old_conditions = old_status.get("conditions") or []
+    stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    verdict = judge(obs)
+    desired, ready = replica_counts(obs)
+    conditions = [
+        _merge_condition(old_conditions, READY, verdict.ready, verdict.reason, verdict.message, obs.generation, stamp),
+        _merge_condition(old_conditions, PROGRESSING, verdict.progressing, verdict.progressing_reason, verdict.message if verdict.progressing else "", obs.generation, stamp),
+        _merge_condition(old_conditions, DEGRADED, verdict.degraded, verdict.degraded_reason, verdict.degraded_message, obs.generation, stamp),
+    ]
+    status: dict[str, Any] = {
+        "observedGeneration": obs.generation,
+        "conditions": conditions,
+        "models": obs.models,
+        "replicas": {"desired": desired, "ready": ready},
+    }
+    if obs.url and not obs.invalid:
+        status["url"] = obs.url
+        status["rayService"] = obs.rayservice["metadata"]["name"] if obs.rayservice else None
+    return {k: v for k, v in status.items() if v is not None}
+
+
+def ready_transition(old_status: dict[str, Any] | None, new_status: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(event type, reason, message) when Ready's status or reason changed, else None."""
+    def ready_of(status: dict[str, Any] | None) -> dict[str, Any]:
+        return next((c for c in (status or {}).get("conditions") or [] if c.get("type") == READY), {})
+
+    old, new = ready_of(old_status), ready_of(new_status)
+    if (old.get("status"), old.get("reason")) == (new.get("status"), new.get("reason")):
+        return None
+    reason = Reason(new["reason"])
+    return ("Warning" if reason in WARNING_REASONS else "Normal", reason.value, new.get("message", ""))
