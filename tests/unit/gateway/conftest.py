@@ -133,7 +133,6 @@ class RunningGateway:
         write_yaml(self.routes_file, routes)
         await asyncio.wait_for(changed.wait(), 5)
 
-
     async def set_keys(self, keys: list[dict[str, Any]]) -> None:
         """Rewrite the keys file and give the gateway a few polls to load it."""
         assert self.keys_file is not None

@@ -1,0 +1,165 @@
+"""Scale from zero as a client sees it: held requests, keep-alives, deadlines, wake-ups.
+
+The backends are small in-process OpenAI-shaped aiohttp servers (see conftest.py): they stand
+in for an endpoint scaled to zero, which a real backend cannot be made to be on cue, and keep
+these tests fast. The real Ray Serve + vLLM path is covered in tests/serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+pytestmark = [pytest.mark.unit, pytest.mark.asyncio]
+
+
+def client(base_url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0)
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+def held(gw) -> float:
+    return gw.server.metrics.held.labels("m")._value.get()
+
+
+async def test_held_request_is_forwarded_once_the_model_turns_ready(
+    backend_factory, gateway_factory
+):
+    backend = await backend_factory("b")
+    gw = await gateway_factory([{"models": ["m"], "url": backend.url, "ready": False}])
+    request = asyncio.create_task(client(gw.url).chat.completions.create(model="m", messages=[]))
+    await until(lambda: held(gw) == 1)
+    assert not request.done()
+
+    await gw.set_routes([{"models": ["m"], "url": backend.url, "ready": True}])
+    reply = await asyncio.wait_for(request, 5)
+
+    assert reply.choices[0].message.content == "from b"
+    assert held(gw) == 0
+    # The gateway nudged the scaled-to-zero backend with one tiny completion.
+    wake = [
+        r for r, p in zip(backend.requests, backend.paths, strict=True) if p == "/v1/completions"
+    ]
+    assert wake == [{"model": "m", "prompt": "wake", "max_tokens": 1}]
+
+
+async def test_held_past_the_deadline_is_503_with_retry_after(backend_factory, gateway_factory):
+    gw = await gateway_factory(
+        [{"models": ["m"], "url": "http://127.0.0.1:9/v1", "ready": False}],
+        hold_deadline=0.3,
+        retry_after_seconds=7,
+    )
+
+    with pytest.raises(openai.InternalServerError) as err:
+        await client(gw.url).chat.completions.create(model="m", messages=[])
+
+    assert err.value.status_code == 503
+    assert err.value.code == "model_not_ready"
+    assert err.value.response.headers["retry-after"] == "7"
+
+
+async def test_held_queue_full_is_503(backend_factory, gateway_factory):
+    gw = await gateway_factory(
+        [{"models": ["m"], "url": "http://127.0.0.1:9/v1", "ready": False}],
+        hold_queue_size=1,
+        hold_deadline=2,
+    )
+    first = asyncio.create_task(client(gw.url).chat.completions.create(model="m", messages=[]))
+    await until(lambda: held(gw) == 1)
+
+    with pytest.raises(openai.InternalServerError) as err:
+        await client(gw.url).chat.completions.create(model="m", messages=[])
+    first.cancel()
+
+    assert err.value.status_code == 503
+    assert err.value.code == "model_queue_full"
+    assert "retry-after" in err.value.response.headers
+
+
+async def test_held_stream_gets_keepalive_comments_then_the_answer(
+    backend_factory, gateway_factory
+):
+    backend = await backend_factory("b", chunks=2)
+    gw = await gateway_factory(
+        [{"models": ["m"], "url": backend.url, "ready": False}], hold_keepalive_interval=0.1
+    )
+
+    async def flip_later():
+        await asyncio.sleep(0.45)
+        await gw.set_routes([{"models": ["m"], "url": backend.url, "ready": True}])
+
+    flipper = asyncio.create_task(flip_later())
+    async with httpx.AsyncClient() as h:
+        async with h.stream(
+            "POST", f"{gw.url}/chat/completions", json={"model": "m", "stream": True}
+        ) as reply:
+            lines = [line async for line in reply.aiter_lines() if line]
+    await flipper
+
+    keepalives = [line for line in lines if line == ": keep-alive"]
+    data = [line for line in lines if line.startswith("data: ")]
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    assert len(keepalives) >= 3
+    assert lines.index(data[0]) > lines.index(keepalives[-1])
+    assert data[-1] == "data: [DONE]"
+    assert len(data) == 4  # two chunks, the usage chunk, [DONE]
+
+
+async def test_held_stream_past_the_deadline_ends_with_an_sse_error(
+    backend_factory, gateway_factory
+):
+    gw = await gateway_factory(
+        [{"models": ["m"], "url": "http://127.0.0.1:9/v1", "ready": False}],
+        hold_keepalive_interval=0.1,
+        hold_deadline=0.35,
+    )
+
+    stream = await client(gw.url).chat.completions.create(model="m", messages=[], stream=True)
+    with pytest.raises(openai.APIError) as err:
+        _ = [chunk async for chunk in stream]
+
+    assert "has no ready replica yet" in err.value.message
+
+
+async def test_sdk_stream_through_a_hold_sees_only_the_chunks(backend_factory, gateway_factory):
+    backend = await backend_factory("b", chunks=3)
+    gw = await gateway_factory(
+        [{"models": ["m"], "url": backend.url, "ready": False}], hold_keepalive_interval=0.05
+    )
+
+    async def flip_later():
+        await asyncio.sleep(0.2)
+        await gw.set_routes([{"models": ["m"], "url": backend.url, "ready": True}])
+
+    flipper = asyncio.create_task(flip_later())
+    stream = await client(gw.url).chat.completions.create(model="m", messages=[], stream=True)
+    texts = [c.choices[0].delta.content async for c in stream if c.choices]
+    await flipper
+
+    assert texts == ["0 ", "1 ", "2 "]
+
+
+async def test_model_removed_while_held_is_404(backend_factory, gateway_factory):
+    backend = await backend_factory("b")
+    gw = await gateway_factory(
+        [
+            {"models": ["m"], "url": backend.url, "ready": False},
+            {"models": ["other"], "url": backend.url, "ready": True},
+        ]
+    )
+    request = asyncio.create_task(client(gw.url).chat.completions.create(model="m", messages=[]))
+    await until(lambda: held(gw) == 1)
+
+    await gw.set_routes([{"models": ["other"], "url": backend.url, "ready": True}])
+
+    with pytest.raises(openai.NotFoundError):
+        await asyncio.wait_for(request, 5)

@@ -1,0 +1,220 @@
+"""Pure pieces of the gateway: the routing table, key parsing, LLMEndpoint translation."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import pytest
+
+from llmep_serving.gateway.app import complete_events_end, parse_request
+from llmep_serving.gateway.auth import KeyStore, key_from_secret, parse_keys
+from llmep_serving.gateway.errors import GatewayError
+from llmep_serving.gateway.k8s import (
+    backends_from_endpoints,
+    endpoint_to_backend,
+    keys_from_secrets,
+)
+from llmep_serving.gateway.metrics import usage_from
+from llmep_serving.gateway.routing import Backend, build_table, parse_routes
+
+pytestmark = pytest.mark.unit
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def endpoint(
+    name,
+    ns="team-a",
+    *,
+    created="2026-01-01T00:00:00Z",
+    ready="True",
+    replicas=1,
+    models=None,
+    url="auto",
+):
+    status = {
+        "url": f"http://{name}-serve.{ns}.svc:8000/v1" if url == "auto" else url,
+        "models": [name] if models is None else models,
+        "conditions": [{"type": "Ready", "status": ready, "reason": "Serving"}],
+        "replicas": {"desired": 1, "ready": replicas},
+    }
+    return {
+        "apiVersion": "llmep.io/v1alpha1",
+        "kind": "LLMEndpoint",
+        "metadata": {"name": name, "namespace": ns, "creationTimestamp": created},
+        "spec": {"model": {"source": "hf://x/y"}},
+        "status": status,
+    }
+
+
+# -- LLMEndpoint → routes ----------------------------------------------------------------
+
+
+def test_ready_endpoint_routes_its_name_and_aliases_to_status_url():
+    backend = endpoint_to_backend(endpoint("qwen-7b", models=["qwen-7b", "chat-default"]))
+
+    assert backend == Backend(
+        models=("qwen-7b", "chat-default"),
+        url="http://qwen-7b-serve.team-a.svc:8000/v1",
+        ready=True,
+        namespace="team-a",
+        name="qwen-7b",
+        created=1767225600.0,
+    )
+
+
+@pytest.mark.parametrize(("ready", "replicas"), [("False", 1), ("Unknown", 1), ("True", 0)])
+def test_endpoint_without_a_ready_replica_is_known_but_not_ready(ready, replicas):
+    backend = endpoint_to_backend(endpoint("m", ready=ready, replicas=replicas))
+
+    assert backend is not None and backend.ready is False
+    assert build_table([backend]).lookup("m").ready is False
+
+
+def test_endpoint_without_status_yet_is_held_under_its_spec_names():
+    obj = endpoint("m")
+    obj["status"] = {}
+    obj["spec"]["model"].update(servedName="served", aliases=["alias"])
+
+    backend = endpoint_to_backend(obj)
+
+    assert backend.models == ("served", "alias")
+    assert backend.url is None and backend.ready is False
+
+
+def test_same_name_in_two_namespaces_goes_to_the_oldest_and_both_stay_reachable():
+    older = endpoint("m", "team-b", created="2026-01-01T00:00:00Z")
+    newer = endpoint("m", "team-a", created="2026-02-01T00:00:00Z")
+
+    table = build_table(backends_from_endpoints([newer, older]))
+
+    assert table.lookup("m").owned_by == "team-b"
+    assert table.lookup("team-a/m").owned_by == "team-a"
+    assert table.lookup("team-b/m").owned_by == "team-b"
+    assert [name for name, _ in table.listed] == ["m", "team-a/m"]
+
+
+def test_collision_with_equal_creation_times_is_decided_by_namespace():
+    table = build_table(backends_from_endpoints([endpoint("m", "zz"), endpoint("m", "aa")]))
+
+    assert table.lookup("m").owned_by == "aa"
+
+
+# -- routes file -------------------------------------------------------------------------
+
+
+def test_routes_file_entries_become_routes_in_file_order():
+    table = build_table(
+        parse_routes(
+            [
+                {"models": ["a", "alias"], "url": "http://h:1/v1/", "ready": True},
+                {"models": ["a"], "url": "http://h:2/v1"},
+            ]
+        )
+    )
+
+    assert table.lookup("alias").base == "http://h:1/v1"
+    assert table.lookup("a").base == "http://h:1/v1"
+    assert [name for name, _ in table.listed] == ["a", "alias"]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"models": ["a"]},
+        [{"models": []}],
+        [{"models": ["a"], "url": 3}],
+        [{"models": ["a"], "ready": "yes"}],
+        ["a"],
+    ],
+)
+def test_invalid_routes_file_is_rejected(data):
+    with pytest.raises(ValueError):
+        parse_routes(data)
+
+
+# -- keys --------------------------------------------------------------------------------
+
+
+def test_secret_with_plain_key_is_hashed_and_scoped():
+    key = key_from_secret("team-a", {"key": b64("sk-1\n"), "models": b64("a, b")})
+
+    assert key.digest == hashlib.sha256(b"sk-1").digest()
+    assert key.models == frozenset({"a", "b"})
+    assert "sk-1" not in repr(key) and key.digest.hex() not in repr(key)
+
+
+def test_secret_with_digest_and_invalid_secrets_are_skipped():
+    digest = hashlib.sha256(b"sk-2").hexdigest()
+    keys = keys_from_secrets(
+        [
+            {"metadata": {"name": "ok"}, "data": {"sha256": b64(digest)}},
+            {"metadata": {"name": "empty"}, "data": {}},
+            {"metadata": {"name": "both"}, "data": {"key": b64("x"), "sha256": b64(digest)}},
+            {"metadata": {"name": "short"}, "data": {"sha256": b64("abcd")}},
+            {"metadata": {"name": "notb64"}, "data": {"key": "%%%"}},
+        ]
+    )
+
+    assert [k.name for k in keys] == ["ok"]
+    assert KeyStore(keys).authenticate("Bearer sk-2").name == "ok"
+
+
+@pytest.mark.parametrize(
+    "header", [None, "", "sk-1", "Bearer", "Bearer ", "Basic sk-1", "Bearer sk-2", "Bearer \udcff"]
+)
+def test_only_a_known_bearer_token_authenticates(header):
+    store = KeyStore(parse_keys([{"name": "k", "key": "sk-1"}]))
+
+    assert store.authenticate(header) is None
+    assert store.authenticate("Bearer sk-1").name == "k"
+    assert store.authenticate("bearer sk-1").name == "k"
+
+
+# -- hot-path helpers --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"", "invalid_json"),
+        (b"[]", "invalid_json"),
+        (b"[" * 100000, "invalid_json"),
+        (b'{"model": "' + b"\xff" + b'"}', "invalid_json"),
+        (b'{"x": ' + b"9" * 5000 + b"}", "invalid_json"),
+        (b"{}", "missing_model"),
+        (b'{"model": ""}', "missing_model"),
+        (b'{"model": ["a"]}', "invalid_type"),
+        (b'{"model": "a", "stream": 1}', "invalid_type"),
+    ],
+)
+def test_bad_bodies_are_rejected_with_a_code(body, code):
+    with pytest.raises(GatewayError) as err:
+        parse_request(body)
+
+    assert err.value.status == 400 and err.value.code == code
+
+
+def test_model_and_stream_are_read():
+    assert parse_request(b'{"model": "m", "stream": true}') == ("m", True)
+    assert parse_request(b'{"model": "m", "stream": null}') == ("m", False)
+
+
+def test_usage_is_read_from_the_last_usage_object():
+    body = (
+        b'{"usage": null}\n\n{"choices": [], '
+        b'"usage": {"prompt_tokens": 12, "total_tokens": 20, "completion_tokens": 8}}'
+    )
+
+    assert usage_from(body) == (12, 8)
+    assert usage_from(b'{"usage": null}') is None
+    assert usage_from(b'{"choices": []}') is None
+
+
+def test_event_boundary_is_found_for_lf_and_crlf():
+    assert complete_events_end(b"data: 1\n\ndata: 2") == 9
+    assert complete_events_end(b"data: 1\r\n\r\n") == 11
+    assert complete_events_end(b"data: 1") == 0
