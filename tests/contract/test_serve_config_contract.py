@@ -1,0 +1,83 @@
+"""The serveConfigV2 the operator renders is accepted by Ray's own classes: Serve's deploy
+schema for the document, and ray.serve.llm's LLMServingArgs / LLMConfig for each model, with
+the engine settings resolved the way the LLMServer does before starting vLLM."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+pytest.importorskip("ray.serve.llm", reason="the contract tier needs ray[serve] from `make setup`")
+
+from ray.serve.llm import LLMConfig, LLMServingArgs  # noqa: E402
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
+
+from llmep_operator.api import parse_endpoint  # noqa: E402
+from llmep_operator.render import build_rayservice, build_serve_config  # noqa: E402
+from llmep_operator.settings import OperatorSettings  # noqa: E402
+from tests.conftest import VALID_FIXTURES, load_fixture  # noqa: E402
+
+pytestmark = pytest.mark.contract
+SETTINGS = OperatorSettings()
+MINIMAL = next(p for p in VALID_FIXTURES if p.stem == "minimal")
+
+VARIANTS = {
+    "defaults": {},
+    "h100-tp2": {"engine": {"tensorParallelSize": 2}, "resources": {"profile": "nvidia-h100:2"}},
+    "multinode-tp8-pp2": {"engine": {"tensorParallelSize": 8, "pipelineParallelSize": 2}, "resources": {"profile": "nvidia-h100"}},
+    "l4-scale-to-zero": {"resources": {"profile": "nvidia-l4"}, "autoscaling": {"minReplicas": 0, "maxReplicas": 4, "targetQueueDepth": 2}},
+    "a100-extra-args": {"resources": {"profile": "nvidia-a100-80gb"}, "engine": {"extraArgs": {"enable_prefix_caching": True, "max_num_seqs": 64}, "maxModelLen": 4096, "dtype": "bfloat16"}},
+    "gke-l4": {"resources": {"profile": "gke-l4"}},
+    "cpu": {"resources": {"profile": "cpu"}, "engine": {"maxModelLen": 256}},
+    "s3-source": {"model": {"source": "s3://bucket/org/model"}},
+    "gs-source": {"model": {"source": "gs://bucket/org/model"}},
+    "pvc-source": {"model": {"source": "pvc://weights/org/model", "servedName": "org/model"}},
+    "hf-revision-token": {"model": {"source": "hf://org/model", "revision": "main", "tokenSecretRef": {"name": "hf"}}},
+    "cache": {"cache": {"enabled": True}},
+}
+
+
+def _endpoint(spec_overrides: dict):
+    manifest = load_fixture(MINIMAL)
+    manifest["metadata"]["namespace"] = "team-a"
+    manifest["spec"].update(spec_overrides)
+    return parse_endpoint(manifest)
+
+
+def _cases():
+    for path in VALID_FIXTURES:
+        yield pytest.param(parse_endpoint(load_fixture(path)), id=f"fixture-{path.stem}")
+    for name, overrides in VARIANTS.items():
+        yield pytest.param(_endpoint(overrides), id=name)
+
+
+@pytest.mark.parametrize("endpoint", list(_cases()))
+def test_serve_config_passes_rays_own_validation(endpoint):
+    text = build_rayservice(endpoint, SETTINGS)["spec"]["serveConfigV2"]
+    document = yaml.safe_load(text)
+    schema = ServeDeploySchema.model_validate(document)
+    (app,) = schema.applications
+    assert app.import_path == "ray.serve.llm:build_openai_app"
+    args = LLMServingArgs.model_validate(app.args)
+    (config,) = args.llm_configs
+    assert config.model_id == endpoint.served_name
+    engine = config.get_engine_config()
+    assert engine.tensor_parallel_degree == endpoint.spec.engine.tensor_parallel_size
+    assert engine.pipeline_parallel_degree == endpoint.spec.engine.pipeline_parallel_size
+    autoscaling = config.deployment_config["autoscaling_config"]
+    assert autoscaling["target_ongoing_requests"] == endpoint.spec.autoscaling.target_queue_depth
+    assert autoscaling["min_replicas"] == endpoint.spec.autoscaling.min_replicas
+
+
+def test_placement_bundles_cover_every_gpu_of_a_multi_node_replica():
+    config = build_serve_config(_endpoint(VARIANTS["multinode-tp8-pp2"]), SETTINGS)
+    llm = LLMConfig.model_validate(config["applications"][0]["args"]["llm_configs"][0])
+    bundles = llm.get_engine_config().placement_bundles
+    assert sum(b.get("GPU", 0) for b in bundles) == 16
+
+
+def test_cpu_profile_resolves_to_a_cpu_engine():
+    config = build_serve_config(_endpoint(VARIANTS["cpu"]), SETTINGS)
+    llm = LLMConfig.model_validate(config["applications"][0]["args"]["llm_configs"][0])
+    assert llm.accelerator_config.kind == "cpu"
+    assert llm.engine_kwargs["dtype"] == "float32"
