@@ -6,6 +6,7 @@ import argparse
 import sys
 from importlib import metadata
 
+from llmep_operator import runner
 from llmep_operator.api import crdgen
 
 
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     crd = commands.add_parser("crd", help="print the LLMEndpoint CRD (pipe it to kubectl apply -f -)")
     crd.add_argument("--check", action="store_true", help="check the repository's generated CRD files instead")
     crd.set_defaults(func=_crd)
+
+    runner.add_parser(commands)
     return parser
 
 

@@ -1,0 +1,70 @@
+"""`llmep operator`: run the kopf operator, optionally behind a Lease so that of several
+replicas exactly one reconciles (the others wait, and a leader that loses its lease exits)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import threading
+
+log = logging.getLogger("llmep.operator")
+
+
+def _elect_leader(lease_name: str, lease_namespace: str, identity: str) -> None:
+    """Block until this process holds the Lease; exit the process if it is ever lost."""
+    from kubernetes.leaderelection import electionconfig, leaderelection
+    from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
+
+    leading = threading.Event()
+
+    def lost() -> None:
+        log.error("lost the leader lease %s/%s; exiting so that no two replicas reconcile", lease_namespace, lease_name)
+        os._exit(1)
+
+    config = electionconfig.Config(
+        LeaseLock(lease_name, lease_namespace, identity),
+        lease_duration=15,
+        renew_deadline=10,
+        retry_period=2,
+        onstarted_leading=leading.set,
+        onstopped_leading=lost,
+    )
+    thread = threading.Thread(target=leaderelection.LeaderElection(config).run, name="leader-election", daemon=True)
+    thread.start()
+    log.info("waiting to become leader of %s/%s as %s", lease_namespace, lease_name, identity)
+    leading.wait()
+    log.info("became leader as %s", identity)
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("operator", help="run the LLMEndpoint operator (kopf)")
+    parser.add_argument("--namespace", "-n", action="append", default=[], help="watch this namespace (repeatable); default: LLMEP_NAMESPACES or the whole cluster")
+    parser.add_argument("--leader-elect", action="store_true", help="hold a Lease so only one replica reconciles")
+    parser.add_argument("--lease-name", default="llmep-operator", help="name of the leader Lease")
+    parser.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "default"), help="namespace of the leader Lease (default: $POD_NAMESPACE)")
+    parser.add_argument("--liveness", default=None, help="serve kopf's liveness probe at this URL, e.g. http://0.0.0.0:8080/healthz")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import kopf
+
+    from llmep_operator import handlers
+    from llmep_operator.kube import load_config
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    load_config()
+    namespaces = args.namespace or handlers.SETTINGS.namespaces
+    if args.leader_elect:
+        identity = f"{socket.gethostname()}-{os.getpid()}"
+        _elect_leader(args.lease_name, args.lease_namespace, identity)
+    kopf.run(
+        standalone=True,  # one reconciler is guaranteed by the Lease, not by kopf peering
+        namespaces=namespaces or None,
+        clusterwide=not namespaces,
+        liveness_endpoint=args.liveness,
+    )
+    return 0
