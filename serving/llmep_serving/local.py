@@ -1,0 +1,257 @@
+"""Run one serveConfigV2 application on a local Ray cluster, as KubeRay would in a pod.
+
+The input is the ``applications[0]`` entry of a RayService's ``serveConfigV2`` (what the
+operator renders): ``{name, route_prefix, import_path, args}``. The app is built by calling
+``import_path`` with ``args`` (``ray.serve.llm:build_openai_app`` for llmep) and deployed
+with ``serve.run`` behind Serve's HTTP proxy on loopback.
+
+    with LocalServe(app) as local:
+        client = openai.OpenAI(base_url=local.base_url, api_key="unused")
+
+Progress (application and replica states) is reported while the engine loads, and
+:meth:`LocalServe.start` returns once ``/v1/models`` answers. ray and vllm are imported here
+only inside functions: the operator and the gateway never import them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+LOOPBACK = "127.0.0.1"
+# Keys of a serveConfigV2 application entry that serve.run can honour locally.
+_SUPPORTED_APP_KEYS = frozenset({"name", "route_prefix", "import_path", "args"})
+
+
+class LocalServeError(RuntimeError):
+    """The application failed to deploy, or did not become ready in time."""
+
+
+def _default_progress(line: str) -> None:
+    print(f"[llmep-local] {line}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class ReplicaSummary:
+    """One deployment's replica counts by state, as Serve reports them."""
+
+    deployment: str
+    status: str
+    states: dict[str, int]
+
+    @property
+    def running(self) -> int:
+        return self.states.get("RUNNING", 0)
+
+    def __str__(self) -> str:
+        states = ", ".join(f"{k}={v}" for k, v in sorted(self.states.items())) or "none"
+        return f"{self.deployment}: {self.status} ({states})"
+
+
+def load_builder(import_path: str) -> Callable[..., Any]:
+    """Resolve ``module:attr`` (or ``module.attr``) the way Serve resolves import_path."""
+    if ":" in import_path:
+        module_name, attr = import_path.split(":", 1)
+    else:
+        module_name, _, attr = import_path.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"import_path must be 'module:attribute', got {import_path!r}")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+class LocalServe:
+    """A local Ray cluster serving one serveConfigV2 application; a context manager."""
+
+    def __init__(
+        self,
+        application: Mapping[str, Any],
+        *,
+        host: str = LOOPBACK,
+        port: int = 8000,
+        num_cpus: int | None = None,
+        ready_timeout_s: float = 600.0,
+        poll_interval_s: float = 1.0,
+        env: Mapping[str, str] | None = None,
+        progress: Callable[[str], None] | None = _default_progress,
+    ) -> None:
+        unknown = set(application) - _SUPPORTED_APP_KEYS
+        if unknown:
+            raise ValueError(
+                f"application keys {sorted(unknown)} are not supported by the local runner "
+                f"(supported: {sorted(_SUPPORTED_APP_KEYS)})"
+            )
+        if host not in (LOOPBACK, "localhost", "::1"):
+            raise ValueError(f"the local runner binds loopback only, got host {host!r}")
+        self.application = dict(application)
+        self.app_name: str = self.application.get("name", "default")
+        self.route_prefix: str = self.application.get("route_prefix", "/")
+        self.host = host
+        self.port = port
+        self.num_cpus = num_cpus
+        self.ready_timeout_s = ready_timeout_s
+        self.poll_interval_s = poll_interval_s
+        self.env = dict(env or {})
+        self._progress = progress or (lambda _line: None)
+        self._started_ray = False
+
+    # -- addresses ---------------------------------------------------------------------
+
+    @property
+    def root_url(self) -> str:
+        prefix = self.route_prefix.rstrip("/")
+        return f"http://{self.host}:{self.port}{prefix}"
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base_url (``.../v1``)."""
+        return f"{self.root_url}/v1"
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def __enter__(self) -> LocalServe:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> LocalServe:
+        import ray
+        from ray import serve
+
+        # Engine processes inherit the driver's environment; runtime_env in the LLMConfig
+        # carries the same variables into the replicas themselves.
+        os.environ.update(self.env)
+        t0 = time.monotonic()
+        if not ray.is_initialized():
+            ray.init(
+                num_cpus=self.num_cpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+            self._started_ray = True
+        self._progress(f"ray up in {time.monotonic() - t0:.1f}s")
+        try:
+            serve.start(http_options={"host": self.host, "port": self.port})
+            app = self._build_app()
+            self._deploy_and_wait(serve, app, t0)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        if ray.is_initialized():
+            serve.shutdown()
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+    # -- status ------------------------------------------------------------------------
+
+    def replicas(self) -> list[ReplicaSummary]:
+        """Replica counts by state for each deployment of this application."""
+        from ray import serve
+
+        app = serve.status().applications.get(self.app_name)
+        if app is None:
+            return []
+        return [
+            ReplicaSummary(
+                deployment=name,
+                status=str(dep.status.value if hasattr(dep.status, "value") else dep.status),
+                states={
+                    str(getattr(k, "value", k)): int(v) for k, v in dep.replica_states.items()
+                },
+            )
+            for name, dep in app.deployments.items()
+        ]
+
+    def app_status(self) -> tuple[str, str]:
+        """(status, message) of this application in Serve, e.g. ('RUNNING', '')."""
+        from ray import serve
+
+        app = serve.status().applications.get(self.app_name)
+        if app is None:
+            return ("NOT_STARTED", "")
+        status = getattr(app.status, "value", app.status)
+        return (str(status), app.message or "")
+
+    def models(self) -> list[str]:
+        """Model ids served, read from /v1/models over HTTP."""
+        with urllib.request.urlopen(f"{self.base_url}/models", timeout=5) as resp:  # noqa: S310
+            body = json.load(resp)
+        return [m["id"] for m in body.get("data", [])]
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _build_app(self) -> Any:
+        builder = load_builder(self.application["import_path"])
+        args = self.application.get("args")
+        return builder(args) if args is not None else builder()
+
+    def _deploy_and_wait(self, serve: Any, app: Any, t0: float) -> None:
+        failure: list[BaseException] = []
+
+        def deploy() -> None:
+            try:
+                # Blocks until the application is RUNNING or fails to deploy.
+                serve.run(app, name=self.app_name, route_prefix=self.route_prefix)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                failure.append(exc)
+
+        deployer = threading.Thread(target=deploy, name="llmep-serve-run", daemon=True)
+        deployer.start()
+        deadline = t0 + self.ready_timeout_s
+        last_line = ""
+        while True:
+            if failure:
+                raise LocalServeError(f"deploying {self.app_name!r} failed") from failure[0]
+            status, message = self.app_status()
+            line = f"{self.app_name}: {status}; " + "; ".join(
+                str(r) for r in self.replicas()
+            )
+            if line != last_line:
+                self._progress(f"{time.monotonic() - t0:6.1f}s {line}")
+                last_line = line
+            if status == "DEPLOY_FAILED":
+                raise LocalServeError(f"{self.app_name!r} failed to deploy: {message}")
+            if status == "RUNNING" and not deployer.is_alive() and self._models_answer():
+                self._progress(
+                    f"{time.monotonic() - t0:6.1f}s ready: {self.base_url} "
+                    f"serves {self.models()}"
+                )
+                return
+            if time.monotonic() > deadline:
+                raise LocalServeError(
+                    f"{self.app_name!r} not ready after {self.ready_timeout_s:.0f}s: "
+                    f"{status} {message} {line}"
+                )
+            time.sleep(self.poll_interval_s)
+
+    def _models_answer(self) -> bool:
+        try:
+            return bool(self.models())
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+
+def run_local(application: Mapping[str, Any], **kwargs: Any) -> LocalServe:
+    """Start ``application`` locally and return the running :class:`LocalServe`.
+
+    Call ``.stop()`` when done, or use ``LocalServe`` as a context manager instead.
+    """
+    return LocalServe(application, **kwargs).start()
