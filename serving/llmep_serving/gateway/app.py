@@ -197,7 +197,12 @@ class Gateway:
         length = request.content_length
         if length is not None and length > cap:
             raise errors.request_too_large(cap)
+        if length == 0:
+            return b""
+        content = request.content
         try:
+            if length is not None and content.total_bytes >= length:
+                return await content.readexactly(length)  # already buffered: skip the timer
             async with asyncio.timeout(self.settings.body_timeout):
                 if length is not None:
                     return await request.content.readexactly(length)

@@ -12,7 +12,8 @@ import uvloop
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from .app import Gateway, metrics_response
+from . import errors
+from .app import Gateway, error_response, metrics_response
 from .auth import KeyStore, parse_keys
 from .files import FileSource
 from .k8s import KubeSource, own_namespace
@@ -51,6 +52,32 @@ class _Protocol(RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Malformed HTTP gets the OpenAI envelope too, and its text is never logged.
+
+        aiohttp's own answer is plain text quoting the bad line, which may hold a key.
+        """
+        if status >= 500:
+            log.error("unhandled error in the HTTP layer: %s", type(exc).__name__)
+            error = errors.internal_error()
+        else:
+            log.debug("malformed request: %s", type(exc).__name__)
+            error = errors.GatewayError(
+                status if status in (400, 413, 414, 431) else 400,
+                "malformed_request",
+                "The request is not valid HTTP/1.1.",
+                close=True,
+            )
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        return error_response(error)
 
     def _idle(self) -> bool:
         # Waiting for the next request rather than running a handler (which reads the body).

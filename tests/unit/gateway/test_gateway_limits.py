@@ -86,10 +86,12 @@ async def test_invalid_json_is_400_in_the_envelope(backend_factory, gateway_fact
         truncated = await h.post(f"{gw.url}/chat/completions", content=b'{"model": "m", ')
         not_object = await h.post(f"{gw.url}/chat/completions", content=b'["m"]')
         bad_utf8 = await h.post(f"{gw.url}/chat/completions", content=b'{"model": "\xff"}')
+        empty = await h.post(f"{gw.url}/chat/completions", content=b"")
 
     assert_envelope(truncated, 400, "invalid_json")
     assert_envelope(not_object, 400, "invalid_json")
     assert_envelope(bad_utf8, 400, "invalid_json")
+    assert_envelope(empty, 400, "invalid_json")
 
 
 async def test_missing_or_mistyped_model_is_400_naming_the_param(backend_factory, gateway_factory):
