@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CRD_ROOT ?= $(CURDIR)
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv rig-build crds check-crds lint test test-unit test-contract test-cluster \
+.PHONY: help setup venv rig-build crds docs check-crds lint test test-unit test-contract test-cluster \
         test-serving test-reliability test-e2e bench demo clean
 
 help: ## list targets
@@ -21,11 +21,15 @@ venv: ## create .venv from the pinned lock (idempotent)
 rig-build: ## build the pinned control-plane binaries from Go modules into the cache (idempotent)
 	hack/local-cluster build
 
-crds: ## regenerate crds/ and the chart's CRD from the pydantic models
+crds: ## regenerate crds/, the chart's CRD and docs/api.md from the pydantic models
 	$(PY) -m llmep_operator.api.crdgen
+	$(PY) -m llmep_operator.api.docgen
+
+docs: crds ## regenerate generated docs (docs/api.md)
 
 check-crds: ## fail when the generated CRD files are stale
 	$(PY) -m llmep_operator.api.crdgen --check --root $(CRD_ROOT)
+	$(PY) -m llmep_operator.api.docgen --check
 
 lint: ## ruff and import-linter (operator and gateway never import ray or vllm)
 	$(VENV)/bin/ruff check operator serving tests bench

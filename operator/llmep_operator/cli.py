@@ -1,4 +1,4 @@
-"""`llmep`: the command line. Subcommands register themselves from small modules."""
+"""The operator's subcommands of `llmep` (the dispatcher is llmep_serving.cli)."""
 
 from __future__ import annotations
 
@@ -22,13 +22,8 @@ def _crd(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="llmep",
-        description="Self-hosted LLMs on Kubernetes behind one OpenAI-compatible base_url.",
-    )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """The operator's own subcommands: version, crd, operator."""
     version = commands.add_parser("version", help="print the llmep version")
     version.set_defaults(func=_version)
 
@@ -37,13 +32,3 @@ def build_parser() -> argparse.ArgumentParser:
     crd.set_defaults(func=_crd)
 
     runner.add_parser(commands)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

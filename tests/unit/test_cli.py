@@ -13,7 +13,7 @@ pytestmark = pytest.mark.unit
 
 def _llmep(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "llmep_operator.cli", *args], capture_output=True, text=True
+        [sys.executable, "-m", "llmep_serving.cli", *args], capture_output=True, text=True
     )
 
 

@@ -120,3 +120,12 @@ def test_make_check_crds_fails_on_a_hand_edited_crd(tmp_path):
     )
     assert result.returncode != 0
     assert "Fewest replicas, edited by hand." in result.stderr
+
+
+def test_api_reference_is_generated_from_the_crd():
+    from llmep_operator.api import docgen
+
+    text = (REPO_ROOT / docgen.DOC_PATH).read_text()
+    assert text == docgen.render(), "docs/api.md is stale: run `make docs`"
+    assert "`spec.autoscaling.targetQueueDepth`" in text
+    assert "autoscaling.minReplicas must be <= autoscaling.maxReplicas" in text

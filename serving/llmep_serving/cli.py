@@ -1,0 +1,45 @@
+"""`llmep`: the command line. Each subcommand lives in a small module and imports its heavy
+dependencies (kopf, ray, vllm) only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llmep_operator import cli as operator_cli
+from llmep_serving import local_mode
+
+
+def _gateway(gateway_args: list[str]) -> int:
+    from llmep_serving.gateway import main as gateway_main
+
+    gateway_main(gateway_args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmep",
+        description="Self-hosted LLMs on Kubernetes behind one OpenAI-compatible base_url.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    operator_cli.add_commands(commands)
+    gateway = commands.add_parser(
+        "gateway", help="run the OpenAI-compatible gateway (flags: llmep gateway --help)", add_help=False
+    )
+    gateway.add_argument("gateway_args", nargs=argparse.REMAINDER)
+    local_mode.add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gateway"]:
+        # The gateway parses its own flags (they mirror its settings), --help included.
+        return _gateway(argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

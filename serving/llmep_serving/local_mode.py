@@ -1,0 +1,204 @@
+"""`llmep serve`: one LLMEndpoint on this machine, through the very serveConfigV2 the operator
+renders, on a local Ray cluster, behind the llmep gateway.
+
+    llmep serve examples/tiny-cpu.yaml --demo      # the generated tiny model
+    llmep serve --model /path/to/model             # a local model folder
+    llmep serve --model Qwen/Qwen2.5-0.5B-Instruct # a Hugging Face id (needs the hub)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+
+from llmep_operator.api import SpecError, parse_endpoint
+from llmep_operator.errors import InvalidSpec
+from llmep_operator.render import build_serve_config
+from llmep_operator.settings import OperatorSettings
+
+LOOPBACK = "127.0.0.1"
+
+SNIPPET = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True).from_string(  # noqa: S701 - terminal text, not HTML
+    """
+llmep: {{ served }} is serving{% if aliases %} (aliases: {{ aliases | join(', ') }}){% endif %}
+
+  base_url  {{ base_url }}
+  api_key   {{ api_key if api_key else '(none: anonymous mode)' }}
+
+curl:
+  curl -s {{ base_url }}/chat/completions \\
+    -H 'Content-Type: application/json'{% if api_key %} \\
+    -H 'Authorization: Bearer {{ api_key }}'{% endif %} \\
+    -d '{"model": {{ served | tojson }}, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}'
+
+Python:
+  from openai import OpenAI
+  client = OpenAI(base_url={{ base_url | tojson }}, api_key={{ (api_key or 'unused') | tojson }})
+  reply = client.chat.completions.create(model={{ served | tojson }}, messages=[{"role": "user", "content": "Hello!"}], max_tokens=32)
+  print(reply.choices[0].message.content)
+
+Press Ctrl-C to stop.
+"""
+)
+
+
+class ServeError(RuntimeError):
+    """A clear, user-facing reason why local serving could not start."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def _source_for(model: str) -> str:
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ServeError(f"--model {model}: {path} has no config.json; point it at a Hugging Face model folder")
+        return f"file://{path.resolve()}"
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        return f"hf://{model}"
+    raise ServeError(f"--model {model!r} is neither an existing folder nor a Hugging Face id like Qwen/Qwen2.5-0.5B-Instruct")
+
+
+def endpoint_manifest(args: argparse.Namespace) -> dict[str, Any]:
+    """The LLMEndpoint to serve: the file given, with --model/--demo overriding the source."""
+    if args.file:
+        try:
+            manifest = yaml.safe_load(Path(args.file).read_text())
+        except (OSError, yaml.YAMLError) as error:
+            raise ServeError(f"cannot read {args.file}: {error}") from None
+        if not isinstance(manifest, dict):
+            raise ServeError(f"{args.file} does not hold one LLMEndpoint object")
+    else:
+        name = "tiny" if args.demo else re.sub(r"[^a-z0-9-]+", "-", Path(args.model or "model").name.lower()).strip("-")[:40] or "model"
+        if not name[0].isalpha():
+            name = f"m-{name}"[:40]
+        manifest = {"apiVersion": "llmep.io/v1alpha1", "kind": "LLMEndpoint", "metadata": {"name": name},
+                    "spec": {"model": {"source": "file:///unset"}, "engine": {"maxModelLen": 256 if args.demo else None}}}
+        manifest["spec"]["engine"] = {k: v for k, v in manifest["spec"]["engine"].items() if v is not None}
+    spec = manifest.setdefault("spec", {})
+    model = spec.setdefault("model", {})
+    if args.demo:
+        from llmep_serving.tinymodel import ensure_tiny_model
+
+        model["source"] = f"file://{ensure_tiny_model()}"
+    elif args.model:
+        model["source"] = _source_for(args.model)
+    elif not args.file:
+        raise ServeError("say what to serve: an LLMEndpoint file, --model PATH_OR_HF_ID, or --demo")
+    # Local mode runs on this machine's CPUs unless told otherwise: the `cpu` profile holds
+    # what vLLM's CPU build needs, so the builder is the operator's, unchanged.
+    spec.setdefault("resources", {})["profile"] = args.profile
+    manifest.setdefault("metadata", {}).setdefault("namespace", "local")
+    return manifest
+
+
+def _wait_for_gateway(url: str, process: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServeError(f"the gateway exited with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - loopback URL we built
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise ServeError(f"the gateway did not answer {url} within {timeout:.0f}s")
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # the same clean shutdown as Ctrl-C
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmep_serving.local import LocalServe, LocalServeError
+
+    try:
+        endpoint = parse_endpoint(endpoint_manifest(args))
+        settings = OperatorSettings()
+        application = build_serve_config(endpoint, settings)["applications"][0]
+    except (ServeError, SpecError, InvalidSpec) as error:
+        print(f"llmep serve: {error}", file=sys.stderr)
+        return 2
+
+    api_key = None if args.anonymous else (args.api_key or os.environ.get("LLMEP_API_KEY") or f"sk-llmep-{secrets.token_urlsafe(24)}")
+    backend_port = args.backend_port or _free_port()
+    env = {"HF_HUB_OFFLINE": "1"} if endpoint.spec.model.source.startswith("file://") else {}
+    gateway = None
+    local = None
+    with tempfile.TemporaryDirectory(prefix="llmep-serve-") as tmp:
+        try:
+            local = LocalServe(application, port=backend_port, num_cpus=args.num_cpus, env=env, ready_timeout_s=args.timeout)
+            print(f"llmep serve: starting {endpoint.served_name} on a local Ray cluster (the engine takes a minute to load) ...", file=sys.stderr)
+            local.start()
+            routes = Path(tmp) / "routes.yaml"
+            routes.write_text(yaml.safe_dump([{"models": endpoint.model_ids, "url": local.base_url, "ready": True}]))
+            gateway_env = {**os.environ, "LLMEP_GATEWAY_HOST": args.host, "LLMEP_GATEWAY_PORT": str(args.port),
+                           "LLMEP_GATEWAY_ROUTES_FILE": str(routes)}
+            if api_key:
+                keys = Path(tmp) / "keys.yaml"
+                keys.write_text(yaml.safe_dump([{"name": "local", "key": api_key}]))
+                keys.chmod(0o600)
+                gateway_env["LLMEP_GATEWAY_KEYS_FILE"] = str(keys)
+            else:
+                gateway_env["LLMEP_GATEWAY_ANONYMOUS"] = "true"
+            gateway = subprocess.Popen([sys.executable, "-m", "llmep_serving.cli", "gateway"], env=gateway_env)
+            _wait_for_gateway(f"http://{args.host}:{args.port}/healthz", gateway)
+            base_url = f"http://{args.host}:{args.port}/v1"
+            print(SNIPPET.render(served=endpoint.served_name, aliases=endpoint.spec.model.aliases, base_url=base_url, api_key=api_key), flush=True)
+            if args.ready_file:
+                Path(args.ready_file).write_text(yaml.safe_dump({"base_url": base_url, "api_key": api_key, "model": endpoint.served_name}))
+            signal.signal(signal.SIGTERM, _stop_on_sigterm)
+            gateway.wait()
+            print(f"llmep serve: the gateway exited with status {gateway.returncode}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\nllmep serve: shutting down ...", file=sys.stderr)
+            return 0
+        except (ServeError, LocalServeError) as error:
+            print(f"llmep serve: {error}", file=sys.stderr)
+            return 1
+        finally:
+            if gateway and gateway.poll() is None:
+                gateway.terminate()
+                try:
+                    gateway.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    gateway.kill()
+            if local is not None:
+                local.stop()
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("serve", help="serve an LLMEndpoint on this machine (local Ray + vLLM, behind the gateway)")
+    parser.add_argument("file", nargs="?", help="an LLMEndpoint YAML file (e.g. examples/tiny-cpu.yaml)")
+    parser.add_argument("--model", help="a local model folder or a Hugging Face id; overrides the file's source")
+    parser.add_argument("--demo", action="store_true", help="serve a generated tiny model (no download)")
+    parser.add_argument("--profile", default="cpu", help="resource profile for local serving (default: cpu)")
+    parser.add_argument("--host", default=LOOPBACK, help="gateway address (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="gateway port (default: 8080)")
+    parser.add_argument("--backend-port", type=int, default=0, help="Ray Serve's port (default: a free one)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray cluster")
+    parser.add_argument("--api-key", help="API key clients must send (default: a random one, printed)")
+    parser.add_argument("--anonymous", action="store_true", help="no API key (local use only)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for the engine to load")
+    parser.add_argument("--ready-file", help="write base_url, api_key and model to this YAML file once serving")
+    parser.set_defaults(func=run)
