@@ -280,7 +280,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
     parser.add_argument(
         "--litellm",
-        default=os.environ.get("LITELLM_BIN", "/tmp/litellm-venv/bin/litellm"),
+        default=os.environ.get(
+            "LITELLM_BIN",
+            "/tmp/litellm-venv/bin/litellm",  # noqa: S108 - a venv path, not a temp file
+        ),
         help="LiteLLM proxy executable (pip install 'litellm[proxy]' in its own venv)",
     )
     args = parser.parse_args()

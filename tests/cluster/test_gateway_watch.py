@@ -1,0 +1,201 @@
+"""The gateway against a real API server: routes from LLMEndpoint status, keys from Secrets,
+both followed live, with the gateway authenticated as a ServiceAccount that has only a Role
+in its namespace (get/list/watch llmendpoints, list/watch secrets): missing RBAC fails here.
+
+The backend the routes point at is a small in-process OpenAI-shaped aiohttp server on
+127.0.0.1; it stands in for the Ray Serve Service, which this tier does not run (the real
+serving path is covered in tests/serving). No operator runs here, so the test writes the
+LLMEndpoint's status itself, as the operator would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from pathlib import Path
+
+import openai
+import pytest
+from aiohttp import web
+from kubernetes import client as k8s
+from tests.conftest import FIXTURES, load_fixture
+
+from llmep_serving.gateway import GatewayServer, GatewaySettings
+
+pytestmark = [pytest.mark.cluster, pytest.mark.asyncio]
+REPO = Path(__file__).resolve().parents[2]
+GROUP, VERSION, PLURAL = "llmep.io", "v1alpha1", "llmendpoints"
+KEY = "sk-cluster-0123456789"
+
+
+@pytest.fixture(scope="module")
+def crd(cluster):
+    cluster.apply_crd(REPO / "crds" / "llmendpoints.llmep.io.yaml")
+
+
+def gateway_identity(cluster, namespace: str, tmp_path: Path) -> Path:
+    """A ServiceAccount with the gateway's least-privilege Role; returns its kubeconfig."""
+    cluster.core.create_namespaced_service_account(
+        namespace, k8s.V1ServiceAccount(metadata=k8s.V1ObjectMeta(name="llmep-gateway"))
+    )
+    cluster.rbac.create_namespaced_role(
+        namespace,
+        k8s.V1Role(
+            metadata=k8s.V1ObjectMeta(name="llmep-gateway"),
+            rules=[
+                k8s.V1PolicyRule(
+                    api_groups=[GROUP], resources=[PLURAL], verbs=["get", "list", "watch"]
+                ),
+                k8s.V1PolicyRule(api_groups=[""], resources=["secrets"], verbs=["list", "watch"]),
+            ],
+        ),
+    )
+    cluster.rbac.create_namespaced_role_binding(
+        namespace,
+        k8s.V1RoleBinding(
+            metadata=k8s.V1ObjectMeta(name="llmep-gateway"),
+            role_ref=k8s.V1RoleRef(
+                api_group="rbac.authorization.k8s.io", kind="Role", name="llmep-gateway"
+            ),
+            subjects=[
+                k8s.RbacV1Subject(kind="ServiceAccount", name="llmep-gateway", namespace=namespace)
+            ],
+        ),
+    )
+    token = cluster.token_for("llmep-gateway", namespace)
+    return cluster.kubeconfig_for_token(token, tmp_path / "gateway-kubeconfig", "llmep-gateway")
+
+
+async def start_backend() -> tuple[web.AppRunner, str]:
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        return web.json_response(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 1,
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": "from the cluster"},
+                    }
+                ],
+            }
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/{tail:.*}", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+
+
+def set_status(cluster, namespace: str, name: str, url: str, ready: bool) -> None:
+    cluster.custom.patch_namespaced_custom_object_status(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        name,
+        {
+            "status": {
+                "url": url,
+                "models": [name, "chat-default"],
+                "replicas": {"desired": 1, "ready": 1 if ready else 0},
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True" if ready else "False",
+                        "reason": "Serving" if ready else "ScaledToZero",
+                        "message": "",
+                        "lastTransitionTime": "2026-01-01T00:00:00Z",
+                    }
+                ],
+            }
+        },
+    )
+
+
+async def eventually(check, timeout: float = 30.0):
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                return await check()
+            except (openai.APIStatusError, AssertionError):
+                await asyncio.sleep(0.2)
+
+
+async def test_gateway_follows_endpoints_and_key_secrets_live(cluster, namespace, crd, tmp_path):
+    kubeconfig = gateway_identity(cluster, namespace, tmp_path)
+    backend, url = await start_backend()
+    endpoint = load_fixture(FIXTURES / "valid" / "minimal.yaml")
+    endpoint["metadata"] = {"name": "qwen-small"}
+    cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, endpoint)
+    set_status(cluster, namespace, "qwen-small", url, ready=True)
+    cluster.core.create_namespaced_secret(
+        namespace,
+        k8s.V1Secret(
+            metadata=k8s.V1ObjectMeta(name="team-a-key", labels={"llmep.io/api-key": "true"}),
+            data={"key": base64.b64encode(KEY.encode()).decode()},
+        ),
+    )
+    server = GatewayServer(
+        GatewaySettings(
+            host="127.0.0.1",
+            port=0,
+            kubeconfig=kubeconfig,
+            namespace=namespace,
+            watch_namespaces=[namespace],
+            hold_deadline=30,
+            wake_backend=False,
+        )
+    )
+    await server.start()
+    gw = f"http://127.0.0.1:{server.port}/v1"
+    c = openai.AsyncOpenAI(base_url=gw, api_key=KEY, max_retries=0)
+    try:
+
+        async def routed():
+            reply = await c.chat.completions.create(model="chat-default", messages=[])
+            assert reply.choices[0].message.content == "from the cluster"
+            return [m.id async for m in c.models.list()]
+
+        assert sorted(await eventually(routed)) == ["chat-default", "qwen-small"]
+        with pytest.raises(openai.AuthenticationError):
+            await openai.AsyncOpenAI(base_url=gw, api_key="sk-wrong", max_retries=0).models.list()
+
+        # Scaled to zero: a request is held, and answered once the endpoint is Ready again.
+        set_status(cluster, namespace, "qwen-small", url, ready=False)
+        await eventually(_held_route(server))
+        held = asyncio.create_task(c.chat.completions.create(model="qwen-small", messages=[]))
+        await asyncio.sleep(1)
+        assert not held.done()
+        set_status(cluster, namespace, "qwen-small", url, ready=True)
+        reply = await asyncio.wait_for(held, 30)
+        assert reply.choices[0].message.content == "from the cluster"
+
+        # Deleting the key's Secret revokes it.
+        cluster.core.delete_namespaced_secret("team-a-key", namespace)
+
+        async def revoked():
+            try:
+                await c.models.list()
+            except openai.AuthenticationError:
+                return True
+            raise AssertionError("the deleted key is still accepted")
+
+        await eventually(revoked)
+    finally:
+        await server.stop()
+        await backend.cleanup()
+
+
+def _held_route(server: GatewayServer):
+    async def check():
+        route = server.routes.table.lookup("qwen-small")
+        assert route is not None and not route.ready
+
+    return check
