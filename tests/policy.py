@@ -65,11 +65,11 @@ def pod_specs(obj: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
             cluster, prefix = spec.get("rayClusterConfig") or {}, "spec.rayClusterConfig"
         else:
             cluster, prefix = spec, "spec"
-        head = cluster.get("headGroupSpec") or {}
-        yield f"{prefix}.headGroupSpec.template.spec", (head.get("template") or {}).get("spec") or {}
-        for i, group in enumerate(cluster.get("workerGroupSpecs") or []):
-            yield (f"{prefix}.workerGroupSpecs[{i}].template.spec",
-                   (group.get("template") or {}).get("spec") or {})
+        groups = [("headGroupSpec", cluster.get("headGroupSpec") or {})]
+        groups += [(f"workerGroupSpecs[{i}]", g) for i, g in
+                   enumerate(cluster.get("workerGroupSpecs") or [])]
+        for where, group in groups:
+            yield f"{prefix}.{where}.template.spec", (group.get("template") or {}).get("spec") or {}
 
 
 def _containers(pod: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -93,10 +93,8 @@ def check_pod(pod: dict[str, Any]) -> list[tuple[str, str]]:
         found.append(("containers", "pod template has no containers"))
     for where, c in containers:
         sc = c.get("securityContext") or {}
-
-        def effective(key: str) -> Any:
-            return sc[key] if key in sc else psc.get(key)
-
+        # A container's setting wins over the pod's.
+        effective = {**psc, **sc}.get
         if effective("runAsNonRoot") is not True:
             found.append((where, "runAsNonRoot must be true"))
         if effective("runAsUser") == 0:
