@@ -1,0 +1,242 @@
+"""The chart on a real API server: `helm install` brings up the operator and the gateway, the
+operator reconciles under the chart's RBAC and nothing more, `helm upgrade` updates the CRD,
+and `helm uninstall` leaves nothing of the release behind.
+
+Images point at an address nothing serves: the rig's kwok nodes run no containers, so pods
+become Running and Ready without pulling. The operator itself runs in this process with
+`kopf_runner_as`, authenticated as the chart's operator ServiceAccount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes import client as k8s
+from kubernetes.client.rest import ApiException
+from tests.helm import CHART, helm, template
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+CRD_NAME = "llmendpoints.llmep.io"
+CRD_FILE = REPO / "crds" / "llmendpoints.llmep.io.yaml"
+FAKE_IMAGE = {"image.repository": "registry.invalid/llmep/llmep", "image.tag": "test"}
+INSTANCE = "app.kubernetes.io/instance"
+
+
+def release_name(namespace: str) -> str:
+    # Unique per test, so the instance label selects this release's objects only.
+    return f"llmep-{namespace[-6:]}"
+
+
+def sets(values: dict[str, str]) -> list[str]:
+    return [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
+
+
+def read_crd(cluster) -> k8s.V1CustomResourceDefinition | None:
+    try:
+        return cluster.apiext.read_custom_resource_definition(CRD_NAME)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def hand_crd_to_release(cluster, release: str, namespace: str) -> None:
+    """Let this release adopt an LLMEndpoint CRD that other tests applied without Helm."""
+    if read_crd(cluster) is None:
+        return
+    cluster.apiext.patch_custom_resource_definition(CRD_NAME, {"metadata": {
+        "labels": {"app.kubernetes.io/managed-by": "Helm"},
+        "annotations": {"meta.helm.sh/release-name": release,
+                        "meta.helm.sh/release-namespace": namespace}}})
+
+
+def restore_crd(cluster) -> None:
+    """Uninstall deletes the CRD; later tests of the session expect it, so apply it again."""
+    cluster.wait_until(lambda: read_crd(cluster) is None, timeout=120,
+                       message=f"CRD {CRD_NAME} to be deleted")
+    cluster.apply_crd(CRD_FILE)
+
+
+@contextlib.contextmanager
+def installed(cluster, namespace: str, values: dict[str, str] | None = None,
+              chart: Path = CHART) -> Iterator[str]:
+    release = release_name(namespace)
+    hand_crd_to_release(cluster, release, namespace)
+    try:
+        helm("install", release, str(chart), "--namespace", namespace, "--wait",
+             "--timeout", "180s", *sets({**FAKE_IMAGE, **(values or {})}),
+             kubeconfig=cluster.kubeconfig)
+        yield release
+    finally:
+        helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s",
+             kubeconfig=cluster.kubeconfig, check=False)
+        restore_crd(cluster)
+
+
+class ForbiddenLog(logging.Handler):
+    """Records every operator log line that reports an RBAC denial."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.lines: list[str] = []
+        self.lock = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info:
+            text += " " + logging.Formatter().formatException(record.exc_info)
+        if "403" in text or "Forbidden" in text or "permissions" in text:
+            with self.lock:
+                self.lines.append(text[:500])
+
+
+def deployment_available(cluster, namespace: str, name: str, replicas: int) -> bool:
+    d = cluster.apps.read_namespaced_deployment(name, namespace)
+    return (d.status.available_replicas or 0) == replicas == d.spec.replicas
+
+
+def endpoint_manifest(namespace: str) -> dict:
+    return {"apiVersion": "llmep.io/v1alpha1", "kind": "LLMEndpoint",
+            "metadata": {"name": "qwen-small", "namespace": namespace},
+            "spec": {"model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct"},
+                     "resources": {"profile": "nvidia-l4"}}}
+
+
+@pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
+def test_install_runs_both_deployments_and_the_operator_reconciles_with_chart_rbac_only(
+        cluster, namespace, kopf_runner_as, mode):
+    namespaced = mode == "namespaced"
+    values = {"watchNamespaces": f"{{{namespace}}}"} if namespaced else {}
+    with installed(cluster, namespace, values) as release:
+        operator, gateway = f"{release}-operator", "llmep-gateway"
+        for name in (operator, gateway):
+            cluster.wait_until(lambda n=name: deployment_available(cluster, namespace, n, 2),
+                               timeout=120, message=f"Deployment {name} to have 2 available")
+        service = cluster.core.read_namespaced_service(gateway, namespace)
+        assert service.spec.ports[0].port == 80
+
+        denials = ForbiddenLog()
+        loggers = [logging.getLogger(n) for n in ("kopf", "llmep_operator")]
+        for logger in loggers:
+            logger.addHandler(denials)
+        try:
+            watch = (namespace,) if namespaced else ()
+            with kopf_runner_as(operator, namespace, module="llmep_operator.handlers",
+                                watch_namespaces=watch):
+                cluster.apply(endpoint_manifest(namespace))
+                rs = cluster.wait_until(lambda: cluster.custom.get_namespaced_custom_object(
+                    "ray.io", "v1", namespace, "rayservices", "qwen-small"), timeout=90,
+                    message=lambda: f"RayService qwen-small; operator denials: {denials.lines}")
+                cluster.wait_until(lambda: cluster.core.read_namespaced_service(
+                    "qwen-small-serve", namespace), timeout=60,
+                    message="Service qwen-small-serve")
+
+                def observed() -> bool:
+                    ep = cluster.custom.get_namespaced_custom_object(
+                        "llmep.io", "v1alpha1", namespace, "llmendpoints", "qwen-small")
+                    status = ep.get("status") or {}
+                    return status.get("observedGeneration") == ep["metadata"]["generation"]
+
+                cluster.wait_until(observed, timeout=90, message=lambda: (
+                    f"status.observedGeneration of qwen-small; denials: {denials.lines}"))
+        finally:
+            for logger in loggers:
+                logger.removeHandler(denials)
+        assert rs["metadata"]["labels"]["llmep.io/endpoint"] == "qwen-small"
+        assert denials.lines == []
+
+
+def test_gateway_reads_endpoints_everywhere_but_secrets_only_in_its_namespace(
+        cluster, namespace):
+    with installed(cluster, namespace):
+        api = cluster.client_as("llmep-gateway", namespace)
+        core = k8s.CoreV1Api(api)
+        custom = k8s.CustomObjectsApi(api)
+
+        def status(call) -> int:
+            try:
+                call()
+            except ApiException as e:
+                return e.status
+            return 200
+
+        cluster.wait_until(
+            lambda: status(lambda: core.list_namespaced_secret(namespace)) == 200,
+            timeout=30, message="the gateway's RoleBinding to let it list its Secrets")
+        assert status(lambda: custom.list_cluster_custom_object(
+            "llmep.io", "v1alpha1", "llmendpoints")) == 200
+        assert status(lambda: core.list_namespaced_secret("default")) == 403
+        assert status(lambda: core.list_secret_for_all_namespaces()) == 403
+        assert status(lambda: core.list_namespaced_pod(namespace)) == 403
+
+
+def test_upgrade_with_a_changed_crd_updates_it_in_the_api_server(cluster, namespace, tmp_path):
+    changed = tmp_path / "llmep"
+    shutil.copytree(CHART, changed)
+    crd_template = changed / "templates" / "crd-llmendpoints.yaml"
+    text = crd_template.read_text()
+    original = "description: LLMEndpoint serves one open model"
+    assert original in text
+    crd_template.write_text(text.replace(
+        original, "description: UPGRADED-BY-TEST LLMEndpoint serves one open model", 1))
+
+    with installed(cluster, namespace) as release:
+        def description() -> str:
+            return read_crd(cluster).spec.versions[0].schema.open_apiv3_schema.description
+
+        assert not description().startswith("UPGRADED-BY-TEST")
+        helm("upgrade", release, str(changed), "--namespace", namespace, "--wait",
+             "--timeout", "180s", *sets(FAKE_IMAGE), kubeconfig=cluster.kubeconfig)
+
+        assert description().startswith("UPGRADED-BY-TEST")
+        assert deployment_available(cluster, namespace, f"{release}-operator", 2)
+
+
+NAMESPACED_KINDS = {
+    "Deployment": lambda c, ns, sel: c.apps.list_namespaced_deployment(ns, label_selector=sel),
+    "ServiceAccount": lambda c, ns, sel: c.core.list_namespaced_service_account(
+        ns, label_selector=sel),
+    "ConfigMap": lambda c, ns, sel: c.core.list_namespaced_config_map(ns, label_selector=sel),
+    "Service": lambda c, ns, sel: c.core.list_namespaced_service(ns, label_selector=sel),
+    "Role": lambda c, ns, sel: c.rbac.list_namespaced_role(ns, label_selector=sel),
+    "RoleBinding": lambda c, ns, sel: c.rbac.list_namespaced_role_binding(ns, label_selector=sel),
+    "PodDisruptionBudget": lambda c, ns, sel: k8s.PolicyV1Api(
+        c.api).list_namespaced_pod_disruption_budget(ns, label_selector=sel),
+}
+CLUSTER_KINDS = {
+    "ClusterRole": lambda c, sel: c.rbac.list_cluster_role(label_selector=sel),
+    "ClusterRoleBinding": lambda c, sel: c.rbac.list_cluster_role_binding(label_selector=sel),
+}
+
+
+def release_objects(cluster, namespace: str, release: str) -> dict[str, list[str]]:
+    selector = f"{INSTANCE}={release}"
+    found = {kind: [o.metadata.name for o in list_(cluster, namespace, selector).items]
+             for kind, list_ in NAMESPACED_KINDS.items()}
+    found |= {kind: [o.metadata.name for o in list_(cluster, selector).items]
+              for kind, list_ in CLUSTER_KINDS.items()}
+    return {kind: names for kind, names in found.items() if names}
+
+
+def test_uninstall_removes_everything_the_release_installed(cluster, namespace):
+    rendered = template(release=release_name(namespace), namespace=namespace, sets=FAKE_IMAGE)
+    expected_kinds = {d["kind"] for d in rendered} - {"CustomResourceDefinition"}
+    with installed(cluster, namespace) as release:
+        before = release_objects(cluster, namespace, release)
+        assert set(before) == expected_kinds, before
+        helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s",
+             kubeconfig=cluster.kubeconfig)
+
+        assert release_objects(cluster, namespace, release) == {}
+        crd = read_crd(cluster)
+        assert crd is None or crd.metadata.deletion_timestamp is not None
+        assert helm("status", release, "--namespace", namespace, kubeconfig=cluster.kubeconfig,
+                    check=False).returncode != 0
