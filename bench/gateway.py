@@ -89,6 +89,35 @@ def run_backend(port: int) -> None:
     uvloop.run(serve())
 
 
+def run_bare(port: int, backend_port: int) -> None:
+    """The practical floor: an aiohttp+uvloop passthrough with no auth, routing or metrics."""
+    import aiohttp
+    import uvloop
+    from aiohttp import web
+
+    async def serve() -> None:
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
+        )
+        url = f"http://127.0.0.1:{backend_port}/v1/chat/completions"
+
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
+            body = await request.read()
+            async with session.post(url, data=body, headers=JSON) as resp:
+                data = await resp.read()
+            return web.Response(body=data, status=resp.status, headers=JSON)
+
+        runner = web.ServerRunner(web.Server(handle, access_log=None))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, backlog=2048).start()
+        await asyncio.Event().wait()
+
+    uvloop.run(serve())
+
+
+JSON = {"Content-Type": "application/json"}
+
+
 # -- processes -----------------------------------------------------------------------------
 
 
@@ -98,9 +127,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+REALTIME = False  # --realtime: SCHED_FIFO, so other work on a shared machine cannot preempt
+
+
 def pinned(cpu: int):
     def pin() -> None:
         os.sched_setaffinity(0, {cpu})
+        if REALTIME:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
 
     return pin
 
@@ -133,8 +167,9 @@ def wait_ready(port: int, path: str, headers: dict[str, str], timeout: float = 1
 
 
 class Target:
-    def __init__(self, name: str, port: int, path: str, headers: dict[str, str]) -> None:
+    def __init__(self, name: str, port: int, path: str, headers: dict[str, str], pid: int) -> None:
         self.name, self.port, self.path, self.headers = name, port, path, headers
+        self.pid = pid  # the process answering on port: its CPU time is charged per request
         self.latency: list[float] = []
         self.ttft: list[float] = []
 
@@ -178,6 +213,11 @@ def ttft_round(t: Target, n: int) -> None:
     conn.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wrk(t: Target, seconds: int, connections: int = 32) -> dict[str, float]:
     lua = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
     lines = ['wrk.method = "POST"', f"wrk.body = [[{BODY.decode()}]]"]
@@ -185,6 +225,7 @@ def wrk(t: Target, seconds: int, connections: int = 32) -> dict[str, float]:
         lines.append(f'wrk.headers["{name}"] = "{value}"')
     lua.write("\n".join(lines) + "\n")
     lua.close()
+    cpu_before = cpu_seconds(t.pid)
     out = subprocess.run(
         [
             "wrk",
@@ -201,6 +242,7 @@ def wrk(t: Target, seconds: int, connections: int = 32) -> dict[str, float]:
         preexec_fn=pinned(LOAD_CPU),
         check=True,
     ).stdout
+    cpu = cpu_seconds(t.pid) - cpu_before
     os.unlink(lua.name)
 
     def ms(label: str) -> float:
@@ -210,12 +252,19 @@ def wrk(t: Target, seconds: int, connections: int = 32) -> dict[str, float]:
         return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
 
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: (.*)", out)
     errors = int(non2xx.group(1)) if non2xx else 0
     if sock:
         errors += sum(int(x) for x in re.findall(r"\d+", sock.group(1)))
-    return {"rps": rps, "p50": ms("50%"), "p99": ms("99%"), "errors": errors}
+    return {
+        "rps": rps,
+        "p50": ms("50%"),
+        "p99": ms("99%"),
+        "errors": errors,
+        "cpu_us": cpu / max(requests, 1) * 1e6,
+    }
 
 
 async def concurrent_streams(t: Target, streams: int, events: int, interval_ms: int) -> dict:
@@ -275,9 +324,16 @@ def pct(values: list[float], p: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--role", choices=["bench", "backend"], default="bench")
+    parser.add_argument("--role", choices=["bench", "backend", "bare"], default="bench")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--backend-port", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
+    parser.add_argument(
+        "--realtime",
+        action="store_true",
+        help="run every process of the bench as SCHED_FIFO (root): on a shared machine, "
+        "other work then cannot preempt it, so the numbers show the code, not the neighbours",
+    )
     parser.add_argument(
         "--litellm",
         default=os.environ.get(
@@ -287,8 +343,13 @@ def main() -> None:
         help="LiteLLM proxy executable (pip install 'litellm[proxy]' in its own venv)",
     )
     args = parser.parse_args()
+    global REALTIME
+    REALTIME = args.realtime
     if args.role == "backend":
         run_backend(args.port)
+        return
+    if args.role == "bare":
+        run_bare(args.port, args.backend_port)
         return
 
     rounds = 3 if args.quick else 6
@@ -298,7 +359,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="llmep-bench-"))
     notes: list[str] = []
     try:
-        os.sched_setaffinity(0, {LOAD_CPU})
+        pinned(LOAD_CPU)()
         backend_port, gateway_port = free_port(), free_port()
         procs.append(
             subprocess.Popen(
@@ -334,10 +395,28 @@ def main() -> None:
             )
         )
         wait_port(gateway_port, procs[-1])
+        bare_port = free_port()
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--role",
+                    "bare",
+                    "--port",
+                    str(bare_port),
+                    "--backend-port",
+                    str(backend_port),
+                ],
+                preexec_fn=pinned(GATEWAY_CPU),
+            )
+        )
+        wait_port(bare_port, procs[-1])
         auth = {"Authorization": f"Bearer {KEY}"}
         targets = [
-            Target("direct", backend_port, "/v1/chat/completions", {}),
-            Target("llmep gateway", gateway_port, "/v1/chat/completions", auth),
+            Target("direct", backend_port, "/v1/chat/completions", {}, procs[0].pid),
+            Target("llmep gateway", gateway_port, "/v1/chat/completions", auth, procs[1].pid),
+            Target("bare passthrough", bare_port, "/v1/chat/completions", {}, procs[2].pid),
         ]
         wait_ready(gateway_port, "/v1/chat/completions", auth)
 
@@ -345,8 +424,9 @@ def main() -> None:
         if litellm is not None:
             proc, port = litellm
             procs.append(proc)
-            targets.append(Target("litellm proxy", port, "/v1/chat/completions", auth))
+            targets.append(Target("litellm proxy", port, "/v1/chat/completions", auth, proc.pid))
 
+        print(f"# load average before: {os.getloadavg()[0]:.2f}; realtime: {REALTIME}", flush=True)
         print(
             f"# {rounds} interleaved rounds; gateway pinned to CPU {GATEWAY_CPU}; "
             f"backend + load on CPU {LOAD_CPU}",
@@ -369,6 +449,10 @@ def main() -> None:
             stream_results[t.name] = asyncio.run(concurrent_streams(t, 500, 20, 100))
 
         report(targets, throughput, stream_results, notes)
+        print(
+            f"# load average after: {os.getloadavg()[0]:.2f} (2 cores; above ~2 means other "
+            "work competed for the CPUs and every number is pessimistic)"
+        )
     finally:
         for proc in procs:
             proc.terminate()
@@ -465,9 +549,11 @@ def report(targets, throughput, streams, notes) -> None:
     if any(throughput.values()):
         print()
         print("throughput, 32 connections, wrk, non-streaming (proxy on one core)")
+        print("  cpu us/req: CPU time of the answering process per request (direct: the backend)")
+        print("  1-core req/s: 1e6 / cpu us/req, what one uncontended core would sustain")
         print(
             f"{'target':<16}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'added p99':>11}"
-            f"{'errors':>8}{'x direct':>10}"
+            f"{'errors':>8}{'x direct':>10}{'cpu us/req':>12}{'1-core req/s':>14}"
         )
         base = throughput[direct.name]
         b_rps = statistics.mean(x["rps"] for x in base)
@@ -478,9 +564,10 @@ def report(targets, throughput, streams, notes) -> None:
             p50 = statistics.mean(x["p50"] for x in runs)
             p99 = statistics.mean(x["p99"] for x in runs)
             errors = sum(int(x["errors"]) for x in runs)
+            cpu_us = statistics.mean(x["cpu_us"] for x in runs)
             print(
                 f"{t.name:<16}{rps:>10.0f}{p50:>9.3f}{p99:>9.3f}{p99 - b_p99:>+11.3f}"
-                f"{errors:>8}{rps / b_rps:>10.2f}"
+                f"{errors:>8}{rps / b_rps:>10.2f}{cpu_us:>12.0f}{1e6 / cpu_us:>14.0f}"
             )
     print()
     print("500 concurrent streams x 20 events, 100 ms apart")

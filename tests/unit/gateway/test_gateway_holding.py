@@ -27,7 +27,7 @@ async def until(predicate, timeout: float = 5.0) -> None:
 
 
 def held(gw) -> float:
-    return gw.server.metrics.held.labels("m")._value.get()
+    return gw.server.metrics.model("m").held
 
 
 async def test_held_request_is_forwarded_once_the_model_turns_ready(
