@@ -26,6 +26,9 @@ pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
 CRD_NAME = "llmendpoints.llmep.io"
 CRD_FILE = REPO / "crds" / "llmendpoints.llmep.io.yaml"
+# Loaded by path, so each run gets a fresh module and API client (`-m` would reuse the first
+# run's client, authenticated as an earlier test's ServiceAccount).
+HANDLERS = str(REPO / "operator" / "llmep_operator" / "handlers.py")
 FAKE_IMAGE = {"image.repository": "registry.invalid/llmep/llmep", "image.tag": "test"}
 INSTANCE = "app.kubernetes.io/instance"
 
@@ -129,8 +132,8 @@ def test_install_runs_both_deployments_and_the_operator_reconciles_with_chart_rb
             logger.addHandler(denials)
         try:
             watch = (namespace,) if namespaced else ()
-            with kopf_runner_as(operator, namespace, module="llmep_operator.handlers",
-                                watch_namespaces=watch):
+            with kopf_runner_as(operator, namespace, paths=(HANDLERS,),
+                                watch_namespaces=watch) as runner:
                 cluster.apply(endpoint_manifest(namespace))
                 rs = cluster.wait_until(lambda: cluster.custom.get_namespaced_custom_object(
                     "ray.io", "v1", namespace, "rayservices", "qwen-small"), timeout=90,
@@ -150,13 +153,18 @@ def test_install_runs_both_deployments_and_the_operator_reconciles_with_chart_rb
         finally:
             for logger in loggers:
                 logger.removeHandler(denials)
+        assert runner.exception is None, runner.exception
         assert rs["metadata"]["labels"]["llmep.io/endpoint"] == "qwen-small"
         assert denials.lines == []
 
 
-def test_gateway_reads_endpoints_everywhere_but_secrets_only_in_its_namespace(
+def test_notes_give_the_base_url_and_the_gateway_reads_secrets_only_in_its_namespace(
         cluster, namespace):
-    with installed(cluster, namespace):
+    with installed(cluster, namespace) as release:
+        notes = helm("get", "notes", release, "--namespace", namespace,
+                     kubeconfig=cluster.kubeconfig).stdout
+        assert f"http://llmep-gateway.{namespace}.svc/v1" in notes
+        assert "llmep.io/api-key" in notes and "curl" in notes
         api = cluster.client_as("llmep-gateway", namespace)
         core = k8s.CoreV1Api(api)
         custom = k8s.CustomObjectsApi(api)
