@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -96,7 +97,8 @@ class ForbiddenLog(logging.Handler):
         text = record.getMessage()
         if record.exc_info:
             text += " " + logging.Formatter().formatException(record.exc_info)
-        if "403" in text or "Forbidden" in text or "permissions" in text:
+        # kopf's APIForbiddenError, the client's "(403) Reason: Forbidden", kopf's fallbacks.
+        if re.search(r"[Ff]orbidden|[Nn]ot enough permissions", text):
             with self.lock:
                 self.lines.append(text[:500])
 
