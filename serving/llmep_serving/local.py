@@ -46,11 +46,17 @@ class ReplicaSummary:
 
     deployment: str
     status: str
+    trigger: str
     states: dict[str, int]
 
     @property
     def running(self) -> int:
         return self.states.get("RUNNING", 0)
+
+    @property
+    def wanted(self) -> int:
+        """Replicas Serve is keeping or bringing up: every state but STOPPING."""
+        return sum(n for state, n in self.states.items() if state != "STOPPING")
 
     def __str__(self) -> str:
         states = ", ".join(f"{k}={v}" for k, v in sorted(self.states.items())) or "none"
@@ -172,13 +178,18 @@ class LocalServe:
         return [
             ReplicaSummary(
                 deployment=name,
-                status=str(dep.status.value if hasattr(dep.status, "value") else dep.status),
-                states={
-                    str(getattr(k, "value", k)): int(v) for k, v in dep.replica_states.items()
-                },
+                status=str(getattr(dep.status, "value", dep.status)),
+                trigger=str(getattr(dep.status_trigger, "value", dep.status_trigger)),
+                states={str(getattr(k, "value", k)): int(v) for k, v in dep.replica_states.items()},
             )
             for name, dep in app.deployments.items()
         ]
+
+    def replica_summary(self, deployment_prefix: str) -> ReplicaSummary | None:
+        """The deployment whose name starts with ``deployment_prefix`` (e.g. "LLMServer")."""
+        return next(
+            (r for r in self.replicas() if r.deployment.startswith(deployment_prefix)), None
+        )
 
     def app_status(self) -> tuple[str, str]:
         """(status, message) of this application in Serve, e.g. ('RUNNING', '')."""
@@ -221,9 +232,7 @@ class LocalServe:
             if failure:
                 raise LocalServeError(f"deploying {self.app_name!r} failed") from failure[0]
             status, message = self.app_status()
-            line = f"{self.app_name}: {status}; " + "; ".join(
-                str(r) for r in self.replicas()
-            )
+            line = f"{self.app_name}: {status}; " + "; ".join(str(r) for r in self.replicas())
             if line != last_line:
                 self._progress(f"{time.monotonic() - t0:6.1f}s {line}")
                 last_line = line
@@ -231,8 +240,7 @@ class LocalServe:
                 raise LocalServeError(f"{self.app_name!r} failed to deploy: {message}")
             if status == "RUNNING" and not deployer.is_alive() and self._models_answer():
                 self._progress(
-                    f"{time.monotonic() - t0:6.1f}s ready: {self.base_url} "
-                    f"serves {self.models()}"
+                    f"{time.monotonic() - t0:6.1f}s ready: {self.base_url} serves {self.models()}"
                 )
                 return
             if time.monotonic() > deadline:

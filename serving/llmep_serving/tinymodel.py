@@ -104,12 +104,9 @@ def _write_model(out: Path) -> None:
     )
     bpe.train_from_iterator(_CORPUS * 4, trainer=trainer)
 
+    bos, eos, pad = SPECIAL_TOKENS[:3]
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        model_max_length=512,
+        tokenizer_object=bpe, bos_token=bos, eos_token=eos, pad_token=pad, model_max_length=512
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out)

