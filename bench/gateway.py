@@ -113,7 +113,10 @@ def run_bare(port: int, backend_port: int) -> None:
         runner = web.ServerRunner(web.Server(handle, access_log=None))
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port, backlog=2048).start()
+        tune_gc()  # the same collector tuning as the gateway, so the floor is a fair one
         await asyncio.Event().wait()
+
+    from llmep_serving.gateway.server import tune_gc
 
     uvloop.run(serve())
 
