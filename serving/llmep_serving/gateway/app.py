@@ -31,6 +31,7 @@ SSE_HEADERS = {
 BACKEND_HEADERS = {"Accept-Encoding": "identity", "User-Agent": "llmep-gateway"}
 FORWARDED_HEADERS = ("Accept", "X-Request-Id", "traceparent", "tracestate")
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
+POOL_IDLE_S = 4.0
 WAKE_INTERVAL = 5.0  # seconds between wake-up requests to one backend
 MAX_PENDING_EVENT = 1 << 20  # an SSE event larger than this is forwarded even if incomplete
 _URL_CACHE_SIZE = 4096
@@ -94,6 +95,7 @@ class Gateway:
         self.metrics = metrics
         self.serve_metrics = serve_metrics
         self.session: aiohttp.ClientSession | None = None
+        self._fresh: aiohttp.ClientSession | None = None  # for retries: never a pooled connection
         self._per_key: dict[str, int] = {}
         self._held: dict[str, int] = {}
         self._waking: set[str] = set()
@@ -103,14 +105,22 @@ class Gateway:
 
     async def start(self) -> None:
         s = self.settings
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
-            cookie_jar=aiohttp.DummyCookieJar(),
+        options: dict[str, Any] = {
+            "cookie_jar": aiohttp.DummyCookieJar(),
             # Bytes pass through as the backend sent them (BACKEND_HEADERS asks for identity).
-            auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(
+            "auto_decompress": False,
+            "timeout": aiohttp.ClientTimeout(
                 total=None, sock_connect=s.backend_connect_timeout, sock_read=s.backend_read_timeout
             ),
+        }
+        # Idle pooled connections are dropped before backends drop them (uvicorn, which serves
+        # Ray Serve's HTTP, closes idle keep-alive connections after 5 s), so reuse rarely
+        # meets a connection the backend has just closed.
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=POOL_IDLE_S), **options
+        )
+        self._fresh = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True), **options
         )
 
     async def close(self) -> None:
@@ -118,6 +128,8 @@ class Gateway:
             task.cancel()
         if self.session is not None:
             await self.session.close()
+        if self._fresh is not None:
+            await self._fresh.close()
 
     # -- dispatch ---------------------------------------------------------------------
 
@@ -276,14 +288,17 @@ class Gateway:
         assert self.session is not None
         for attempt in (1, 2):
             try:
-                return await self.session.post(url, data=body, headers=headers)
+                session = self.session if attempt == 1 else self._fresh
+                assert session is not None
+                return await session.post(url, data=body, headers=headers)
             except TimeoutError:
                 raise errors.backend_timeout(model) from None
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
-                # Connect failures never reached the backend; a disconnect before any answer
-                # is almost always a pooled connection the backend had closed. Retry once.
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+                # Connect failures never reached the backend; a reset or disconnect before any
+                # answer is almost always a pooled connection the backend had just closed.
+                # Retry once, on a fresh connection.
                 if attempt == 2:
-                    log.warning("backend for %s unreachable: %s", model, type(exc).__name__)
+                    log.warning("backend for %s unreachable: %s %s", model, type(exc).__name__, exc)
                     raise errors.backend_unavailable(model) from None
             except aiohttp.ClientError as exc:
                 log.warning("backend for %s failed: %s", model, type(exc).__name__)
