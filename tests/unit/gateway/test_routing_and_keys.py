@@ -218,3 +218,32 @@ def test_event_boundary_is_found_for_lf_and_crlf():
     assert complete_events_end(b"data: 1\n\ndata: 2") == 9
     assert complete_events_end(b"data: 1\r\n\r\n") == 11
     assert complete_events_end(b"data: 1") == 0
+
+
+# -- settings ----------------------------------------------------------------------------
+
+
+def test_settings_come_from_env_and_flags(monkeypatch):
+    from llmep_serving.gateway import GatewaySettings
+
+    monkeypatch.setenv("LLMEP_GATEWAY_WATCH_NAMESPACES", "team-a, team-b")
+    monkeypatch.setenv("LLMEP_GATEWAY_ANONYMOUS", "true")
+    from_env = GatewaySettings()
+    from_flags = GatewaySettings(
+        _cli_parse_args=["--port", "9000", "--watch-namespaces", "*", "--no-anonymous"],
+        _cli_kebab_case=True,
+        _cli_implicit_flags=True,
+    )
+
+    assert from_env.watch_namespaces == ["team-a", "team-b"] and from_env.anonymous is True
+    assert from_flags.port == 9000 and from_flags.watch_namespaces == ["*"]
+    assert from_flags.anonymous is False
+    assert GatewaySettings(_env_file=None).max_body_bytes > 0
+
+
+def test_anonymous_is_off_by_default(monkeypatch):
+    from llmep_serving.gateway import GatewaySettings
+
+    monkeypatch.delenv("LLMEP_GATEWAY_ANONYMOUS", raising=False)
+
+    assert GatewaySettings().anonymous is False
