@@ -274,7 +274,13 @@ class Gateway:
         cache_key = (base, raw_path)
         url = self._urls.get(cache_key)
         if url is None:
-            if ".." in raw_path or "//" in raw_path or "%2e" in raw_path.lower():
+            # Only origin-form /v1/... targets; no dot segments or empty ones reach a backend.
+            if (
+                not raw_path.startswith("/v1/")
+                or ".." in raw_path
+                or "//" in raw_path
+                or "%2e" in raw_path.lower()
+            ):
                 raise errors.not_found(raw_path)
             url = URL(base + raw_path[3:], encoded=True)
             if len(self._urls) >= _URL_CACHE_SIZE:

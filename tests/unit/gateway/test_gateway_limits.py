@@ -120,6 +120,19 @@ async def test_unknown_paths_and_methods_answer_in_the_envelope(backend_factory,
     assert_envelope(traversal, 404, "not_found")
 
 
+async def test_absolute_form_request_target_is_not_forwarded(backend_factory, gateway_factory):
+    backend, gw = await one_backend(backend_factory, gateway_factory)
+
+    reply = await raw_exchange(
+        gw.server.port,
+        b"POST http://elsewhere/v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+        b'Content-Type: application/json\r\nContent-Length: 13\r\n\r\n{"model":"m"}',
+    )
+
+    assert reply.startswith(b"HTTP/1.1 404 ")
+    assert backend.requests == []
+
+
 async def test_per_key_concurrency_over_the_limit_is_429_with_retry_after(
     backend_factory, gateway_factory
 ):
