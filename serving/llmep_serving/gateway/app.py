@@ -149,7 +149,7 @@ class Gateway:
             if path == "/healthz":
                 return web.Response(body=b'{"status":"ok"}', headers=JSON_HEADERS)
             if path == "/readyz":
-                if self.routes.loaded:
+                if self.routes.loaded and self.keys.loaded:
                     return web.Response(body=b'{"status":"ready"}', headers=JSON_HEADERS)
                 return web.Response(
                     body=b'{"status":"waiting for the routing table"}',

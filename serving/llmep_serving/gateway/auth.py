@@ -109,9 +109,11 @@ def parse_keys(data: object) -> list[ApiKey]:
 class KeyStore:
     """Digest → key; replaced whole by the key source."""
 
-    def __init__(self, keys: Iterable[ApiKey] = ()) -> None:
+    def __init__(self, keys: Iterable[ApiKey] | None = None) -> None:
         self._by_digest: dict[bytes, ApiKey] = {}
-        self.replace(keys)
+        self.loaded = False  # until the key source has delivered once
+        if keys is not None:
+            self.replace(keys)
 
     def replace(self, keys: Iterable[ApiKey]) -> None:
         by_digest: dict[bytes, ApiKey] = {}
@@ -123,6 +125,7 @@ class KeyStore:
                 continue
             by_digest[key.digest] = key
         self._by_digest = by_digest
+        self.loaded = True
 
     def __len__(self) -> int:
         return len(self._by_digest)

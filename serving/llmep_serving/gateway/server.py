@@ -177,6 +177,8 @@ class GatewayServer:
             keys = FileSource(s.keys_file, parse_keys, self.keys.replace, "API keys")
             keys.load()
             self._tasks.append(asyncio.create_task(keys.run(s.file_poll_interval)))
+        elif s.routes_file is not None:
+            self.keys.loaded = True  # local mode without a keys file: no keys, by design
         if s.routes_file is not None:
             routes = FileSource(s.routes_file, parse_routes, set_backends, "routes")
             routes.load()
