@@ -14,6 +14,7 @@ import asyncio
 import base64
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from aiohttp import web
@@ -164,6 +165,8 @@ async def test_gateway_follows_endpoints_and_key_secrets_live(cluster, namespace
             return [m.id async for m in c.models.list()]
 
         assert sorted(await eventually(routed)) == ["chat-default", "qwen-small"]
+        async with httpx.AsyncClient() as h:
+            assert (await h.get(f"http://127.0.0.1:{server.port}/readyz")).status_code == 200
         with pytest.raises(openai.AuthenticationError):
             await openai.AsyncOpenAI(base_url=gw, api_key="sk-wrong", max_retries=0).models.list()
 

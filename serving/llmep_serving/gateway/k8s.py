@@ -193,8 +193,12 @@ class KubeSource:
         self, publish: Callable[[list[dict[str, Any]]], None], objects: dict[str, Any]
     ) -> None:
         assert self._loop is not None
-        snapshot = list(objects.values())
-        self._loop.call_soon_threadsafe(publish, snapshot)
+        if self._stop.is_set():
+            return
+        try:
+            self._loop.call_soon_threadsafe(publish, list(objects.values()))
+        except RuntimeError:  # the event loop is closed: the gateway has stopped
+            self._stop.set()
 
     def _list_watch(
         self,
@@ -222,6 +226,8 @@ class KubeSource:
                         **kwargs,
                     )
                     for event in stream:
+                        if self._stop.is_set():
+                            return
                         obj = event["raw_object"]
                         if event["type"] == "ERROR":
                             raise ApiException(
