@@ -1,0 +1,65 @@
+"""The generated test model and the local runner's guards, without starting Ray."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmep_serving.local import LocalServe, load_builder
+from llmep_serving.tinymodel import MODEL_DIRNAME, ensure_tiny_model
+
+pytestmark = pytest.mark.serving
+
+
+def test_tiny_model_is_made_once_in_its_versioned_folder(tmp_path):
+    first = ensure_tiny_model(tmp_path)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    second = ensure_tiny_model(tmp_path)
+    assert first == second == tmp_path / "models" / MODEL_DIRNAME
+    assert (second / "model.safetensors").stat().st_mtime_ns == stamp
+    # Written under a temporary name and renamed: nothing half-made is left beside it.
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [MODEL_DIRNAME]
+
+
+def test_tiny_model_has_the_shape_vllm_cpu_serves(tmp_path):
+    config = json.loads((ensure_tiny_model(tmp_path) / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    # vLLM's CPU attention rejects head_dim 16; 64 works.
+    assert config["hidden_size"] // config["num_attention_heads"] == 64
+    assert config["num_key_value_heads"] == 1
+    assert config["tie_word_embeddings"] is True
+
+
+def test_tiny_tokenizer_round_trips_text_and_renders_a_chat(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model(tmp_path))
+    text = "Hello, Kubernetes! 42 ünïcode"
+    assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt.endswith("<|assistant|>\n") and "hi" in prompt
+
+
+def test_cache_root_follows_llmep_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMEP_CACHE", str(tmp_path / "c"))
+    assert ensure_tiny_model() == tmp_path / "c" / "models" / MODEL_DIRNAME
+
+
+def test_runner_refuses_a_non_loopback_host():
+    with pytest.raises(ValueError, match="loopback"):
+        LocalServe({"import_path": "ray.serve.llm:build_openai_app"}, host="0.0.0.0")  # noqa: S104
+
+
+def test_runner_refuses_application_keys_it_would_silently_drop():
+    with pytest.raises(ValueError, match="runtime_env"):
+        LocalServe({"import_path": "x:y", "runtime_env": {"pip": ["requests"]}})
+
+
+def test_builder_import_path_resolves_like_serve():
+    from ray.serve.llm import build_openai_app
+
+    assert load_builder("ray.serve.llm:build_openai_app") is build_openai_app
+    assert load_builder("ray.serve.llm.build_openai_app") is build_openai_app
