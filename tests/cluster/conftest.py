@@ -238,19 +238,9 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
     finally:
         with contextlib.suppress(ApiException):
             cluster.core.delete_namespace(name)
-        # Wait, so pods of this test no longer hold simulated GPUs when the next test starts.
-        wait_until(lambda: not _namespace_exists(cluster, name), timeout=120,
-                   message=f"namespace {name} to be deleted")
-
-
-def _namespace_exists(cluster: Cluster, name: str) -> bool:
-    try:
-        cluster.core.read_namespace(name)
-    except ApiException as e:
-        if e.status == 404:
-            return False
-        raise
-    return True
+        # Wait for its pods to go, so they no longer hold simulated GPUs in the next test.
+        wait_until(lambda: not cluster.core.list_namespaced_pod(name).items, timeout=120,
+                   message=f"the pods of namespace {name} to be deleted")
 
 
 @contextlib.contextmanager
@@ -273,7 +263,9 @@ def run_kopf_as(
     cluster's CA becomes the only credentials kopf's default login (`login_via_client`) can
     find, so every API call of the operator is authorised by RBAC as
     `system:serviceaccount:<namespace>:<service_account>`. Handlers come from `module`
-    (`-m`, e.g. "llmep_operator.handlers"), `paths`, or a `registry` passed in.
+    (`-m`, e.g. "llmep_operator.handlers"), `paths`, or a `registry` passed in; such a
+    registry needs `kopf.on.login(registry=r)(kopf.login_via_client)`, as kopf registers
+    its default login handlers in the default registry only.
     Watches `watch_namespaces` (default: the ServiceAccount's namespace); `()` means all.
     """
     import kopf

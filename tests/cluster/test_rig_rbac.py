@@ -85,6 +85,8 @@ def test_service_account_without_rights_is_denied_until_a_role_grants_them(clust
 # A throwaway operator for the kopf_runner_as test, in a registry of its own so that its
 # handlers never run in other tests' operators.
 probe_registry = kopf.OperatorRegistry()
+# kopf puts its default login handlers in the default registry only.
+kopf.on.login(registry=probe_registry)(kopf.login_via_client)
 probe_seen: set[str] = set()
 probe_lock = threading.Lock()
 
@@ -107,6 +109,21 @@ def test_kopf_runner_as_acts_with_the_service_accounts_rights_only(
         {"apiGroups": ["", "events.k8s.io"], "resources": ["events"],
          "verbs": ["create", "patch"]},
     ])
+    # What kopf itself reads cluster-wide (CRDs, namespaces); without it kopf retries for
+    # about a minute before falling back to the namespaces it was given.
+    discovery = f"{namespace}-kopf"
+    cluster.rbac.create_cluster_role({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": discovery},
+        "rules": [{"apiGroups": ["apiextensions.k8s.io"],
+                   "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+                  {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}]})
+    cluster.rbac.create_cluster_role_binding({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": discovery},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": discovery},
+        "subjects": [{"kind": "ServiceAccount", "name": "operator", "namespace": namespace}]})
     labels = {"llmep-rig-probe": "yes"}
 
     logs = KopfLogs()
@@ -128,6 +145,8 @@ def test_kopf_runner_as_acts_with_the_service_accounts_rights_only(
                                                f"{logs.text()[-2000:]}")
     finally:
         logging.getLogger("kopf").removeHandler(logs)
+        cluster.rbac.delete_cluster_role_binding(discovery)
+        cluster.rbac.delete_cluster_role(discovery)
     denied = cluster.core.read_namespaced_config_map("denied", namespace)
     assert "handled" not in (denied.data or {})
 
