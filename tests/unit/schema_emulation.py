@@ -22,6 +22,9 @@ def to_json_schema(node: dict[str, Any]) -> dict[str, Any]:
             continue
         else:
             out[key] = value
+    for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if out.get(exclusive) is True:  # OpenAPI v3.0's boolean form -> JSON Schema's number form
+            out[exclusive] = out.pop(bound)
     if node.get("nullable") and "type" in out:
         out["type"] = [out["type"], "null"]
     if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
@@ -43,13 +46,23 @@ def apply_defaults(node: dict[str, Any], value: Any) -> Any:
     return value
 
 
+# Kubernetes enables CEL's strings extension; cel-python lacks it, so the functions the rules
+# use are provided here with the extension's semantics.
+K8S_STRING_FUNCTIONS = {
+    "indexOf": lambda text, sub: celpy.celtypes.IntType(str(text).find(str(sub))),
+    "substring": lambda text, start, end=None: celpy.celtypes.StringType(
+        str(text)[int(start) : None if end is None else int(end)]
+    ),
+}
+
+
 def cel_violations(node: dict[str, Any], value: Any, path: str = "") -> list[str]:
     problems = []
     env = celpy.Environment()
     for rule in node.get("x-kubernetes-validations", []):
         if "oldSelf" in rule["rule"]:
             continue  # transition rules only apply to updates
-        program = env.program(env.compile(rule["rule"]))
+        program = env.program(env.compile(rule["rule"]), functions=K8S_STRING_FUNCTIONS)
         if not program.evaluate({"self": celpy.json_to_cel(value)}):
             problems.append(f"{path}{rule.get('fieldPath', '')}: {rule['message']}")
     if isinstance(value, dict):

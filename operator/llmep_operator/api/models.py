@@ -166,8 +166,9 @@ class EngineSpec(ApiModel):
         json_schema_extra={
             "x-kubernetes-validations": [
                 _cel(
-                    "!has(self.extraArgs) || !self.extraArgs.exists(k, k in "
-                    + "[" + ", ".join(f"'{a}'" for a in TYPED_ENGINE_ARGS) + "])",
+                    "!has(self.extraArgs) || !("
+                    + " || ".join(f"has(self.extraArgs.{a})" for a in TYPED_ENGINE_ARGS)
+                    + ")",
                     "engine.extraArgs must not set " + ", ".join(TYPED_ENGINE_ARGS)
                     + ": use the typed fields (maxModelLen, tensorParallelSize, pipelineParallelSize, "
                     "dtype, gpuMemoryUtilization)",
@@ -215,7 +216,17 @@ class EngineSpec(ApiModel):
             "Further vLLM engine arguments, snake_case as in vLLM's EngineArgs "
             "(for example enable_prefix_caching: true). Passed through unchanged."
         ),
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        # Free-form, but the typed engine settings are declared so a CEL rule can refuse them.
+        json_schema_extra={
+            "x-kubernetes-preserve-unknown-fields": True,
+            "properties": {
+                "max_model_len": {"type": "integer", "description": "Refused: use engine.maxModelLen."},
+                "tensor_parallel_size": {"type": "integer", "description": "Refused: use engine.tensorParallelSize."},
+                "pipeline_parallel_size": {"type": "integer", "description": "Refused: use engine.pipelineParallelSize."},
+                "dtype": {"type": "string", "description": "Refused: use engine.dtype."},
+                "gpu_memory_utilization": {"type": "number", "description": "Refused: use engine.gpuMemoryUtilization."},
+            },
+        },
     )
     env: dict[str, str] = Field(
         default_factory=dict,
@@ -400,8 +411,9 @@ SPEC_CEL_RULES = [
         ".autoscaling.maxOngoingRequests",
     ),
     _cel(
-        "!self.resources.profile.contains(':') || self.resources.profile.endsWith(':' + "
-        "string(self.engine.tensorParallelSize * self.engine.pipelineParallelSize))",
+        "!self.resources.profile.contains(':') || "
+        "int(self.resources.profile.substring(self.resources.profile.indexOf(':') + 1)) == "
+        "self.engine.tensorParallelSize * self.engine.pipelineParallelSize",
         "resources.profile NAME:COUNT must have COUNT = engine.tensorParallelSize × "
         "engine.pipelineParallelSize (or drop ':COUNT')",
         ".resources.profile",

@@ -68,8 +68,12 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str,
         elif key == "items":
             out["items"] = _convert(value, defs, f"{path}[]")
         elif key == "additionalProperties":
+            if node.get("x-kubernetes-preserve-unknown-fields"):
+                continue  # already free-form; properties, if any, are the declared exceptions
             if value is True or value == {}:
-                out["x-kubernetes-preserve-unknown-fields"] = True
+                # A map of free-form values: CEL sees map keys (an object with preserved
+                # unknown fields would hide them from rules).
+                out["additionalProperties"] = {"x-kubernetes-preserve-unknown-fields": True}
             elif isinstance(value, dict):
                 out["additionalProperties"] = _convert(value, defs, f"{path}{{}}")
             # False: the API server prunes unknown fields and kubectl reports them.
@@ -78,6 +82,10 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str,
                 out["default"] = value
         elif key == "const":
             out["enum"] = [value]
+        elif key in ("exclusiveMinimum", "exclusiveMaximum"):
+            # OpenAPI v3.0 (what CRDs use) spells these as a boolean next to minimum/maximum.
+            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+            out[key] = True
         else:
             out[key] = value
 
