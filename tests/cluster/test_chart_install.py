@@ -71,18 +71,41 @@ def restore_crd(cluster) -> None:
 
 @contextlib.contextmanager
 def installed(cluster, namespace: str, values: dict[str, str] | None = None,
-              chart: Path = CHART) -> Iterator[str]:
+              chart: Path | None = None) -> Iterator[str]:
     release = release_name(namespace)
     hand_crd_to_release(cluster, release, namespace)
     try:
-        helm("install", release, str(chart), "--namespace", namespace, "--wait",
+        helm("install", release, str(chart or CHART), "--namespace", namespace, "--wait",
              "--timeout", "180s", *sets({**FAKE_IMAGE, **(values or {})}),
              kubeconfig=cluster.kubeconfig)
         yield release
-    finally:
-        helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s",
-             kubeconfig=cluster.kubeconfig, check=False)
-        restore_crd(cluster)
+    except BaseException:
+        # Clean up, but let the test's own failure be the one reported.
+        with contextlib.suppress(AssertionError, ApiException):
+            uninstall_and_restore_crd(cluster, release, namespace)
+        raise
+    uninstall_and_restore_crd(cluster, release, namespace)
+
+
+def release_finalizers(cluster, namespace: str) -> None:
+    """Endpoints left by a failed test keep kopf's finalizer, which no operator will remove
+    once the test's operator is gone; without this the CRD and the namespace never go."""
+    if read_crd(cluster) is None:
+        return
+    items = cluster.custom.list_namespaced_custom_object(
+        "llmep.io", "v1alpha1", namespace, "llmendpoints")["items"]
+    for item in items:
+        if item["metadata"].get("finalizers"):
+            cluster.custom.patch_namespaced_custom_object(
+                "llmep.io", "v1alpha1", namespace, "llmendpoints", item["metadata"]["name"],
+                {"metadata": {"finalizers": None}})
+
+
+def uninstall_and_restore_crd(cluster, release: str, namespace: str) -> None:
+    release_finalizers(cluster, namespace)
+    helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s",
+         kubeconfig=cluster.kubeconfig, check=False)
+    restore_crd(cluster)
 
 
 class ForbiddenLog(logging.Handler):
@@ -106,6 +129,21 @@ class ForbiddenLog(logging.Handler):
 def deployment_available(cluster, namespace: str, name: str, replicas: int) -> bool:
     d = cluster.apps.read_namespaced_deployment(name, namespace)
     return (d.status.available_replicas or 0) == replicas == d.spec.replicas
+
+
+def delete_endpoint(cluster, namespace: str, name: str) -> None:
+    cluster.custom.delete_namespaced_custom_object(
+        "llmep.io", "v1alpha1", namespace, "llmendpoints", name)
+
+    def gone() -> bool:
+        try:
+            cluster.custom.get_namespaced_custom_object(
+                "llmep.io", "v1alpha1", namespace, "llmendpoints", name)
+        except ApiException as e:
+            return e.status == 404
+        return False
+
+    cluster.wait_until(gone, timeout=60, message=f"LLMEndpoint {name} to be deleted")
 
 
 def endpoint_manifest(namespace: str) -> dict:
@@ -152,6 +190,8 @@ def test_install_runs_both_deployments_and_the_operator_reconciles_with_chart_rb
 
                 cluster.wait_until(observed, timeout=90, message=lambda: (
                     f"status.observedGeneration of qwen-small; denials: {denials.lines}"))
+                # Deleted while the operator runs, so kopf can release its finalizer.
+                delete_endpoint(cluster, namespace, "qwen-small")
         finally:
             for logger in loggers:
                 logger.removeHandler(denials)
@@ -237,7 +277,8 @@ def release_objects(cluster, namespace: str, release: str) -> dict[str, list[str
 
 
 def test_uninstall_removes_everything_the_release_installed(cluster, namespace):
-    rendered = template(release=release_name(namespace), namespace=namespace, sets=FAKE_IMAGE)
+    rendered = template(release=release_name(namespace), namespace=namespace, sets=FAKE_IMAGE,
+                        chart=CHART)
     expected_kinds = {d["kind"] for d in rendered} - {"CustomResourceDefinition"}
     with installed(cluster, namespace) as release:
         before = release_objects(cluster, namespace, release)
@@ -250,3 +291,69 @@ def test_uninstall_removes_everything_the_release_installed(cluster, namespace):
         assert crd is None or crd.metadata.deletion_timestamp is not None
         assert helm("status", release, "--namespace", namespace, kubeconfig=cluster.kubeconfig,
                     check=False).returncode != 0
+
+
+# (verb, resource, subresource) the operator performs in every watched namespace.
+OPERATOR_NAMESPACED = [
+    ("get", "llmendpoints.llmep.io", ""), ("list", "llmendpoints.llmep.io", ""),
+    ("watch", "llmendpoints.llmep.io", ""), ("patch", "llmendpoints.llmep.io", ""),
+    ("patch", "llmendpoints.llmep.io", "status"), ("update", "llmendpoints.llmep.io", "finalizers"),
+    ("create", "rayservices.ray.io", ""), ("patch", "rayservices.ray.io", ""),
+    ("watch", "rayservices.ray.io", ""), ("create", "services", ""), ("patch", "services", ""),
+    ("watch", "services", ""), ("create", "persistentvolumeclaims", ""),
+    ("patch", "persistentvolumeclaims", ""), ("list", "pods", ""), ("watch", "pods", ""),
+    ("create", "events", ""), ("create", "events.events.k8s.io", ""),
+]
+OPERATOR_DENIED = [("list", "secrets", ""), ("delete", "rayservices.ray.io", ""),
+                   ("create", "pods", ""), ("update", "llmendpoints.llmep.io", "")]
+
+
+def can_i(cluster, account: str, namespace: str, verb: str, resource: str, sub: str,
+          in_namespace: str | None) -> bool:
+    args = ["auth", "can-i", verb, resource, f"--as=system:serviceaccount:{namespace}:{account}"]
+    args += [f"--subresource={sub}"] if sub else []
+    args += [f"--namespace={in_namespace}"] if in_namespace else ["--all-namespaces"]
+    return cluster.kubectl(*args, check=False).strip() == "yes"
+
+
+@pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
+def test_operator_account_may_do_what_the_operator_does_and_nothing_more(
+        cluster, namespace, mode):
+    namespaced = mode == "namespaced"
+    values = {"watchNamespaces": f"{{{namespace}}}"} if namespaced else {}
+    with installed(cluster, namespace, values) as release:
+        account = f"{release}-operator"
+        scope = namespace if namespaced else None
+
+        def allowed(verb: str, resource: str, sub: str = "", where: str | None = scope) -> bool:
+            return can_i(cluster, account, namespace, verb, resource, sub, where)
+
+        cluster.wait_until(lambda: allowed("list", "llmendpoints.llmep.io"), timeout=30,
+                           message="the operator's bindings to take effect")
+        missing = [r for r in OPERATOR_NAMESPACED if not allowed(*r)]
+        extra = [r for r in OPERATOR_DENIED if allowed(*r)]
+        assert (missing, extra) == ([], [])
+        assert allowed("create", "leases.coordination.k8s.io", where=namespace)
+        assert allowed("update", "leases.coordination.k8s.io/llmep-operator", where=namespace)
+        assert not allowed("update", "leases.coordination.k8s.io/other", where=namespace)
+        assert allowed("watch", "customresourcedefinitions.apiextensions.k8s.io", where=None)
+        if namespaced:
+            assert not allowed("list", "llmendpoints.llmep.io", where="default")
+
+
+def test_server_side_apply_that_creates_a_child_is_allowed_to_the_operator(cluster, namespace):
+    with installed(cluster, namespace) as release:
+        api = cluster.client_as(f"{release}-operator", namespace)
+        service = {"apiVersion": "v1", "kind": "Service",
+                   "metadata": {"name": "ssa-probe-serve", "namespace": namespace},
+                   "spec": {"ports": [{"name": "http", "port": 8000}]}}
+        request = api.param_serialize(
+            "PATCH", f"/api/v1/namespaces/{namespace}/services/ssa-probe-serve",
+            query_params=[("fieldManager", "llmep-operator"), ("force", "true")],
+            header_params={"Content-Type": "application/apply-patch+yaml",
+                           "Accept": "application/json"},
+            body=service, auth_settings=["BearerToken"])
+        response = api.call_api(*request)
+        response.read()
+        assert response.status == 201, response.data
+        assert cluster.core.read_namespaced_service("ssa-probe-serve", namespace)
