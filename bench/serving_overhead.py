@@ -149,8 +149,11 @@ def bare_vllm(model_dir: Path, log: Path) -> Iterator[str]:
                 proc.wait()
 
 
-def llmep_application(model_dir: Path) -> dict:
-    """The operator's serveConfigV2 application for the tiny model on the cpu profile."""
+def llmep_application(model_dir: Path, stream_batching_ms: float | None = None) -> dict:
+    """The operator's serveConfigV2 application for the tiny model on the cpu profile.
+
+    ``stream_batching_ms`` replaces the profile's ``stream_batching_interval_ms`` (to compare).
+    """
     manifest = {
         "apiVersion": "llmep.io/v1alpha1",
         "kind": "LLMEndpoint",
@@ -169,6 +172,11 @@ def llmep_application(model_dir: Path) -> dict:
     }
     endpoint = parse_endpoint(manifest)
     (application,) = build_serve_config(endpoint, OperatorSettings())["applications"]
+    if stream_batching_ms is not None:
+        (llm_config,) = application["args"]["llm_configs"]
+        llm_config.setdefault("experimental_configs", {})["stream_batching_interval_ms"] = (
+            stream_batching_ms
+        )
     return application
 
 
@@ -185,6 +193,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument(
+        "--stream-batching-ms",
+        type=float,
+        default=None,
+        help="override the cpu profile's stream_batching_interval_ms for the llmep stack",
+    )
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()))
     args = parser.parse_args()
 
@@ -196,7 +210,11 @@ def main() -> int:
         t0 = time.monotonic()
         local = stack.enter_context(
             LocalServe(
-                llmep_application(model_dir), port=free_port(), num_cpus=4, env=ENV, progress=None
+                llmep_application(model_dir, args.stream_batching_ms),
+                port=free_port(),
+                num_cpus=4,
+                env=ENV,
+                progress=None,
             )
         )
         print(f"llmep stack ready in {time.monotonic() - t0:.0f}s", flush=True)
