@@ -51,10 +51,22 @@ def only_pod(cluster, namespace: str, app: str) -> k8s.V1Pod:
 
 
 def assert_stays_unscheduled(cluster, namespace: str, app: str, expected: str) -> None:
-    pod = only_pod(cluster, namespace, app)
-    event = cluster.wait_for_event(namespace, "Pod", pod.metadata.name, "FailedScheduling")
-    assert expected in event.message, event.message
-    pod = cluster.core.read_namespaced_pod(pod.metadata.name, namespace)
+    name = only_pod(cluster, namespace, app).metadata.name
+
+    def verdict() -> tuple[str, str] | None:
+        """The scheduler's first word on the pod: a FailedScheduling message or a node."""
+        pod = cluster.core.read_namespaced_pod(name, namespace)
+        if pod.spec.node_name:
+            return "scheduled", pod.spec.node_name
+        failed = [e for e in cluster.events_for(namespace, "Pod", name)
+                  if e.reason == "FailedScheduling"]
+        return ("failed", failed[0].message) if failed else None
+
+    outcome, detail = cluster.wait_until(
+        verdict, timeout=60, message=f"the scheduler to decide on pod {name}")
+    assert outcome == "failed", f"pod {name} was scheduled onto {detail}"
+    assert expected in detail, detail
+    pod = cluster.core.read_namespaced_pod(name, namespace)
     assert pod.spec.node_name is None
     assert pod.status.phase == "Pending"
     dep = cluster.apps.read_namespaced_deployment(app, namespace)
