@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 import kopf
+from kubernetes import client
 
 from llmep_operator import naming
 from llmep_operator.api import GROUP, PLURAL, VERSION
@@ -27,8 +28,7 @@ def kube() -> Kube:
     if _kube is None:
         from llmep_operator.kube import load_config
 
-        load_config()
-        _kube = Kube(SETTINGS.field_manager)
+        _kube = Kube(SETTINGS.field_manager, client.ApiClient(load_config()))
     return _kube
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,12 +24,20 @@ _RESOURCES = {
 }
 
 
-def load_config() -> None:
-    """In-cluster config in a pod, otherwise KUBECONFIG / ~/.kube/config."""
+def load_config() -> client.Configuration:
+    """In-cluster config in a pod, otherwise $KUBECONFIG / ~/.kube/config, read now.
+
+    A fresh Configuration, not the client library's global default, so an operator started
+    again in the same process (tests) never reuses an earlier identity."""
+    configuration = client.Configuration()
     try:
-        config.load_incluster_config()
+        config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
-        config.load_kube_config()
+        config.load_kube_config(
+            config_file=os.environ.get("KUBECONFIG", "~/.kube/config").split(os.pathsep)[0],
+            client_configuration=configuration,
+        )
+    return configuration
 
 
 class Kube:
@@ -46,16 +55,18 @@ class Kube:
         return f"{path}/{name}" if name else path
 
     def _call(self, method: str, path: str, body: Any = None, query: list | None = None, content_type: str = "application/json") -> Any:
-        return self.api.call_api(
-            path,
-            method,
+        request = self.api.param_serialize(
+            method=method,
+            resource_path=path,
             query_params=query or [],
             header_params={"Content-Type": content_type, "Accept": "application/json"},
             body=body,
-            response_type="object",
             auth_settings=["BearerToken"],
-            _return_http_data_only=True,
         )
+        response = self.api.call_api(*request)
+        response.read()
+        # Raises ApiException for every non-2xx answer, with the server's message.
+        return self.api.response_deserialize(response, {"2XX": "object"}).data
 
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply under the operator's field manager; our fields win conflicts."""

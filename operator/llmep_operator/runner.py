@@ -56,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     from llmep_operator.kube import load_config
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    load_config()
+    from kubernetes import client
+
+    client.Configuration.set_default(load_config())  # for the leader election's Lease calls
     namespaces = args.namespace or handlers.SETTINGS.namespaces
     if args.leader_elect:
         identity = f"{socket.gethostname()}-{os.getpid()}"
