@@ -60,7 +60,9 @@ def apply_endpoint(body: kopf.Body, **_: Any) -> None:
     _reconcile(body)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.drift_check_seconds, initial_delay=SETTINGS.drift_check_seconds, idle=5)
+@kopf.timer(
+    GROUP, VERSION, PLURAL, interval=SETTINGS.drift_check_seconds, initial_delay=SETTINGS.drift_check_seconds, idle=5
+)
 def correct_drift(body: kopf.Body, **_: Any) -> None:
     _reconcile(body)
 

@@ -54,7 +54,14 @@ class Kube:
         path = f"{prefix}/namespaces/{namespace}/{plural}"
         return f"{path}/{name}" if name else path
 
-    def _call(self, method: str, path: str, body: Any = None, query: list | None = None, content_type: str = "application/json") -> Any:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: list | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
         request = self.api.param_serialize(
             method=method,
             resource_path=path,

@@ -40,11 +40,23 @@ def _elect_leader(lease_name: str, lease_namespace: str, identity: str) -> None:
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("operator", help="run the LLMEndpoint operator (kopf)")
-    parser.add_argument("--namespace", "-n", action="append", default=[], help="watch this namespace (repeatable); default: LLMEP_NAMESPACES or the whole cluster")
+    parser.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        help="watch this namespace (repeatable); default: LLMEP_NAMESPACES or the whole cluster",
+    )
     parser.add_argument("--leader-elect", action="store_true", help="hold a Lease so only one replica reconciles")
     parser.add_argument("--lease-name", default="llmep-operator", help="name of the leader Lease")
-    parser.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "default"), help="namespace of the leader Lease (default: $POD_NAMESPACE)")
-    parser.add_argument("--liveness", default=None, help="serve kopf's liveness probe at this URL, e.g. http://0.0.0.0:8080/healthz")
+    parser.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="namespace of the leader Lease (default: $POD_NAMESPACE)",
+    )
+    parser.add_argument(
+        "--liveness", default=None, help="serve kopf's liveness probe at this URL, e.g. http://0.0.0.0:8080/healthz"
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     parser.set_defaults(func=run)
 
@@ -55,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
     from llmep_operator import handlers
     from llmep_operator.kube import load_config
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from kubernetes import client
 
     client.Configuration.set_default(load_config())  # for the leader election's Lease calls

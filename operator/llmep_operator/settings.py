@@ -34,14 +34,16 @@ class ResourceProfile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    gpus_per_node: int = Field(
-        ge=0, description="Accelerators one node of this kind holds; 0 for a CPU-only profile."
-    )
+    gpus_per_node: int = Field(ge=0, description="Accelerators one node of this kind holds; 0 for a CPU-only profile.")
     gpu_resource: str = Field(default="nvidia.com/gpu", description="Extended resource name of the accelerator.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Labels a worker node must carry.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Taints worker pods tolerate.")
-    cpu_per_gpu: str = Field(default="8", description="CPU requested per GPU in a worker pod (per worker for CPU profiles).")
-    memory_per_gpu: str = Field(default="64Gi", description="Memory requested per GPU in a worker pod (per worker for CPU profiles).")
+    cpu_per_gpu: str = Field(
+        default="8", description="CPU requested per GPU in a worker pod (per worker for CPU profiles)."
+    )
+    memory_per_gpu: str = Field(
+        default="64Gi", description="Memory requested per GPU in a worker pod (per worker for CPU profiles)."
+    )
     accelerator_type: str | None = Field(
         default=None, description="Ray accelerator_type (e.g. H100, L4), so replicas land on that GPU."
     )
@@ -115,7 +117,9 @@ class OperatorSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LLMEP_", env_nested_delimiter="__", extra="forbid")
 
-    profiles: dict[str, ResourceProfile] = Field(default_factory=default_profiles, description="Named resource profiles.")
+    profiles: dict[str, ResourceProfile] = Field(
+        default_factory=default_profiles, description="Named resource profiles."
+    )
     default_profile: str = Field(default="nvidia-l4", description="Profile used when an endpoint says `default`.")
     image: str = Field(default=DEFAULT_RAY_IMAGE, description="Default image for the Ray head and GPU workers.")
     head_image: str | None = Field(default=None, description="Image for the Ray head; default: the workers' image.")
@@ -129,11 +133,15 @@ class OperatorSettings(BaseSettings):
     gateway_service: str = Field(default="llmep-gateway", description="Service name of the gateway.")
     field_manager: str = Field(default="llmep-operator", description="Server-side apply field manager.")
     drift_check_seconds: float = Field(default=60.0, gt=0, description="How often children are re-applied.")
-    status_poll_seconds: float = Field(default=10.0, gt=0, description="How often status is refreshed while not Serving.")
+    status_poll_seconds: float = Field(
+        default=10.0, gt=0, description="How often status is refreshed while not Serving."
+    )
     autoscaler_idle_timeout_seconds: int = Field(
         default=300, ge=0, description="How long an idle GPU worker pod is kept before KubeRay removes it."
     )
-    cluster_domain: str = Field(default="svc", description="Suffix of in-cluster service URLs (svc or svc.cluster.local).")
+    cluster_domain: str = Field(
+        default="svc", description="Suffix of in-cluster service URLs (svc or svc.cluster.local)."
+    )
     serve_port: int = Field(default=8000, description="Ray Serve's HTTP port.")
 
     @model_validator(mode="after")

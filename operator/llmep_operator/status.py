@@ -90,9 +90,13 @@ def _app_status(rayservice: dict[str, Any]) -> tuple[str, str]:
 
 def judge(obs: Observation) -> Verdict:
     if obs.invalid:
-        return Verdict(False, Reason.INVALID_SPEC, obs.invalid, False, Reason.INVALID_SPEC, True, Reason.INVALID_SPEC, obs.invalid)
+        return Verdict(
+            False, Reason.INVALID_SPEC, obs.invalid, False, Reason.INVALID_SPEC, True, Reason.INVALID_SPEC, obs.invalid
+        )
     if obs.rayservice is None:
-        return Verdict(False, Reason.RECONCILING, "creating the RayService", True, Reason.RECONCILING, False, Reason.AS_EXPECTED)
+        return Verdict(
+            False, Reason.RECONCILING, "creating the RayService", True, Reason.RECONCILING, False, Reason.AS_EXPECTED
+        )
 
     _, ready_replicas = replica_counts(obs)
     pending = unschedulable_reason(obs.pods)
@@ -104,27 +108,37 @@ def judge(obs: Observation) -> Verdict:
 
     if app_status in APP_FAILED:
         message = f"Ray Serve application is {app_status}: {app_message}".rstrip(": ")
-        return Verdict(serving, Reason.BACKEND_FAILED, message, False, Reason.BACKEND_FAILED, True, Reason.BACKEND_FAILED, message)
+        return Verdict(
+            serving, Reason.BACKEND_FAILED, message, False, Reason.BACKEND_FAILED, True, Reason.BACKEND_FAILED, message
+        )
     if serving:
         scaled_to_zero = ready_replicas == 0 and obs.min_replicas == 0
         reason = Reason.SCALED_TO_ZERO if scaled_to_zero else Reason.SERVING
         message = (
-            "no replica is running; the next request starts one" if scaled_to_zero else f"{ready_replicas} replica(s) serving"
+            "no replica is running; the next request starts one"
+            if scaled_to_zero
+            else f"{ready_replicas} replica(s) serving"
         )
         if pending:  # scaling up, but a new GPU worker has nowhere to go
             return Verdict(True, reason, message, True, Reason.WAITING_FOR_GPU_NODE, False, Reason.AS_EXPECTED)
         return Verdict(True, reason, message, False, Reason.AS_EXPECTED, False, Reason.AS_EXPECTED)
     if pending:
-        return Verdict(False, Reason.WAITING_FOR_GPU_NODE, pending, True, Reason.WAITING_FOR_GPU_NODE, False, Reason.AS_EXPECTED)
+        return Verdict(
+            False, Reason.WAITING_FOR_GPU_NODE, pending, True, Reason.WAITING_FOR_GPU_NODE, False, Reason.AS_EXPECTED
+        )
     workers = [p for p in obs.pods if _is_worker(p)]
     if workers and all(_pod_ready(p) for p in workers):
         message = app_message or "GPU workers are up; Ray Serve is loading the model"
         return Verdict(False, Reason.LOADING_MODEL, message, True, Reason.LOADING_MODEL, False, Reason.AS_EXPECTED)
-    message = app_message or (f"Ray Serve application is {app_status}" if app_status else "waiting for the Ray cluster to start")
+    message = app_message or (
+        f"Ray Serve application is {app_status}" if app_status else "waiting for the Ray cluster to start"
+    )
     return Verdict(False, Reason.DEPLOYING, message, True, Reason.DEPLOYING, False, Reason.AS_EXPECTED)
 
 
-def _merge_condition(old: list[dict[str, Any]], kind: str, status: bool, reason: Reason, message: str, generation: int, now: str) -> dict[str, Any]:
+def _merge_condition(
+    old: list[dict[str, Any]], kind: str, status: bool, reason: Reason, message: str, generation: int, now: str
+) -> dict[str, Any]:
     value = "True" if status else "False"
     previous = next((c for c in old if c.get("type") == kind), None)
     changed = previous is None or previous.get("status") != value
@@ -147,8 +161,24 @@ def build_status(obs: Observation, old_status: dict[str, Any] | None, now: datet
     desired, ready = replica_counts(obs)
     conditions = [
         _merge_condition(old_conditions, READY, verdict.ready, verdict.reason, verdict.message, obs.generation, stamp),
-        _merge_condition(old_conditions, PROGRESSING, verdict.progressing, verdict.progressing_reason, verdict.message if verdict.progressing else "", obs.generation, stamp),
-        _merge_condition(old_conditions, DEGRADED, verdict.degraded, verdict.degraded_reason, verdict.degraded_message, obs.generation, stamp),
+        _merge_condition(
+            old_conditions,
+            PROGRESSING,
+            verdict.progressing,
+            verdict.progressing_reason,
+            verdict.message if verdict.progressing else "",
+            obs.generation,
+            stamp,
+        ),
+        _merge_condition(
+            old_conditions,
+            DEGRADED,
+            verdict.degraded,
+            verdict.degraded_reason,
+            verdict.degraded_message,
+            obs.generation,
+            stamp,
+        ),
     ]
     status: dict[str, Any] = {
         "observedGeneration": obs.generation,
@@ -164,6 +194,7 @@ def build_status(obs: Observation, old_status: dict[str, Any] | None, now: datet
 
 def ready_transition(old_status: dict[str, Any] | None, new_status: dict[str, Any]) -> tuple[str, str, str] | None:
     """(event type, reason, message) when Ready's status or reason changed, else None."""
+
     def ready_of(status: dict[str, Any] | None) -> dict[str, Any]:
         return next((c for c in (status or {}).get("conditions") or [] if c.get("type") == READY), {})
 

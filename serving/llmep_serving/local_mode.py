@@ -32,7 +32,11 @@ from llmep_operator.settings import OperatorSettings
 
 LOOPBACK = "127.0.0.1"
 
-SNIPPET = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True).from_string(  # noqa: S701 - terminal text, not HTML
+SNIPPET = jinja2.Environment(
+    undefined=jinja2.StrictUndefined,
+    autoescape=False,  # noqa: S701 - terminal text, not HTML
+    keep_trailing_newline=True,
+).from_string(
     """
 llmep: {{ served }} is serving{% if aliases %} (aliases: {{ aliases | join(', ') }}){% endif %}
 
@@ -48,7 +52,9 @@ curl:
 Python:
   from openai import OpenAI
   client = OpenAI(base_url={{ base_url | tojson }}, api_key={{ (api_key or 'unused') | tojson }})
-  reply = client.chat.completions.create(model={{ served | tojson }}, messages=[{"role": "user", "content": "Hello!"}], max_tokens=32)
+  reply = client.chat.completions.create(
+      model={{ served | tojson }}, messages=[{"role": "user", "content": "Hello!"}], max_tokens=32
+  )
   print(reply.choices[0].message.content)
 
 Press Ctrl-C to stop.
@@ -74,7 +80,9 @@ def _source_for(model: str) -> str:
         return f"file://{path.resolve()}"
     if re.fullmatch(r"[\w.-]+/[\w.-]+", model):
         return f"hf://{model}"
-    raise ServeError(f"--model {model!r} is neither an existing folder nor a Hugging Face id like Qwen/Qwen2.5-0.5B-Instruct")
+    raise ServeError(
+        f"--model {model!r} is neither an existing folder nor a Hugging Face id like Qwen/Qwen2.5-0.5B-Instruct"
+    )
 
 
 def endpoint_manifest(args: argparse.Namespace) -> dict[str, Any]:
@@ -87,11 +95,19 @@ def endpoint_manifest(args: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(manifest, dict):
             raise ServeError(f"{args.file} does not hold one LLMEndpoint object")
     else:
-        name = "tiny" if args.demo else re.sub(r"[^a-z0-9-]+", "-", Path(args.model or "model").name.lower()).strip("-")[:40] or "model"
+        name = (
+            "tiny"
+            if args.demo
+            else re.sub(r"[^a-z0-9-]+", "-", Path(args.model or "model").name.lower()).strip("-")[:40] or "model"
+        )
         if not name[0].isalpha():
             name = f"m-{name}"[:40]
-        manifest = {"apiVersion": "llmep.io/v1alpha1", "kind": "LLMEndpoint", "metadata": {"name": name},
-                    "spec": {"model": {"source": "file:///unset"}, "engine": {"maxModelLen": 256 if args.demo else None}}}
+        manifest = {
+            "apiVersion": "llmep.io/v1alpha1",
+            "kind": "LLMEndpoint",
+            "metadata": {"name": name},
+            "spec": {"model": {"source": "file:///unset"}, "engine": {"maxModelLen": 256 if args.demo else None}},
+        }
         manifest["spec"]["engine"] = {k: v for k, v in manifest["spec"]["engine"].items() if v is not None}
     spec = manifest.setdefault("spec", {})
     model = spec.setdefault("model", {})
@@ -139,20 +155,34 @@ def run(args: argparse.Namespace) -> int:
         print(f"llmep serve: {error}", file=sys.stderr)
         return 2
 
-    api_key = None if args.anonymous else (args.api_key or os.environ.get("LLMEP_API_KEY") or f"sk-llmep-{secrets.token_urlsafe(24)}")
+    api_key = (
+        None
+        if args.anonymous
+        else (args.api_key or os.environ.get("LLMEP_API_KEY") or f"sk-llmep-{secrets.token_urlsafe(24)}")
+    )
     backend_port = args.backend_port or _free_port()
     env = {"HF_HUB_OFFLINE": "1"} if endpoint.spec.model.source.startswith("file://") else {}
     gateway = None
     local = None
     with tempfile.TemporaryDirectory(prefix="llmep-serve-") as tmp:
         try:
-            local = LocalServe(application, port=backend_port, num_cpus=args.num_cpus, env=env, ready_timeout_s=args.timeout)
-            print(f"llmep serve: starting {endpoint.served_name} on a local Ray cluster (the engine takes a minute to load) ...", file=sys.stderr)
+            local = LocalServe(
+                application, port=backend_port, num_cpus=args.num_cpus, env=env, ready_timeout_s=args.timeout
+            )
+            print(
+                f"llmep serve: starting {endpoint.served_name} on a local Ray cluster "
+                "(the engine takes a minute to load) ...",
+                file=sys.stderr,
+            )
             local.start()
             routes = Path(tmp) / "routes.yaml"
             routes.write_text(yaml.safe_dump([{"models": endpoint.model_ids, "url": local.base_url, "ready": True}]))
-            gateway_env = {**os.environ, "LLMEP_GATEWAY_HOST": args.host, "LLMEP_GATEWAY_PORT": str(args.port),
-                           "LLMEP_GATEWAY_ROUTES_FILE": str(routes)}
+            gateway_env = {
+                **os.environ,
+                "LLMEP_GATEWAY_HOST": args.host,
+                "LLMEP_GATEWAY_PORT": str(args.port),
+                "LLMEP_GATEWAY_ROUTES_FILE": str(routes),
+            }
             if api_key:
                 keys = Path(tmp) / "keys.yaml"
                 keys.write_text(yaml.safe_dump([{"name": "local", "key": api_key}]))
@@ -163,9 +193,16 @@ def run(args: argparse.Namespace) -> int:
             gateway = subprocess.Popen([sys.executable, "-m", "llmep_serving.cli", "gateway"], env=gateway_env)
             _wait_for_gateway(f"http://{args.host}:{args.port}/healthz", gateway)
             base_url = f"http://{args.host}:{args.port}/v1"
-            print(SNIPPET.render(served=endpoint.served_name, aliases=endpoint.spec.model.aliases, base_url=base_url, api_key=api_key), flush=True)
+            print(
+                SNIPPET.render(
+                    served=endpoint.served_name, aliases=endpoint.spec.model.aliases, base_url=base_url, api_key=api_key
+                ),
+                flush=True,
+            )
             if args.ready_file:
-                Path(args.ready_file).write_text(yaml.safe_dump({"base_url": base_url, "api_key": api_key, "model": endpoint.served_name}))
+                Path(args.ready_file).write_text(
+                    yaml.safe_dump({"base_url": base_url, "api_key": api_key, "model": endpoint.served_name})
+                )
             signal.signal(signal.SIGTERM, _stop_on_sigterm)
             gateway.wait()
             print(f"llmep serve: the gateway exited with status {gateway.returncode}", file=sys.stderr)
@@ -188,7 +225,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("serve", help="serve an LLMEndpoint on this machine (local Ray + vLLM, behind the gateway)")
+    parser = commands.add_parser(
+        "serve", help="serve an LLMEndpoint on this machine (local Ray + vLLM, behind the gateway)"
+    )
     parser.add_argument("file", nargs="?", help="an LLMEndpoint YAML file (e.g. examples/tiny-cpu.yaml)")
     parser.add_argument("--model", help="a local model folder or a Hugging Face id; overrides the file's source")
     parser.add_argument("--demo", action="store_true", help="serve a generated tiny model (no download)")

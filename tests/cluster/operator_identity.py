@@ -33,7 +33,8 @@ def operator_identity(bin_dir: Path | None, release: str, namespace: str, *set_a
     """(ServiceAccount name, RBAC objects) of the chart's operator."""
     docs = render_chart(bin_dir, release, namespace, *set_args)
     objects = [
-        d for d in docs
+        d
+        for d in docs
         if d["kind"] in RBAC_KINDS
         and (d["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "operator"
     ]

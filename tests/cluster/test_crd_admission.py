@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 from kubernetes.client.rest import ApiException
-
 from tests.conftest import INVALID_FIXTURES, VALID_FIXTURES, expected_rejection, load_fixture
 
 pytestmark = pytest.mark.cluster
@@ -52,7 +51,9 @@ def test_storage_class_is_immutable(cluster, namespace, crd):
     created = _create(cluster, namespace, body)
     created["spec"]["cache"]["storageClassName"] = "other"
     with pytest.raises(ApiException) as refused:
-        cluster.custom.replace_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, created["metadata"]["name"], created)
+        cluster.custom.replace_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, created["metadata"]["name"], created
+        )
     assert "storageClassName is immutable" in refused.value.body
 
 

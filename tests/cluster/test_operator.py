@@ -12,7 +12,6 @@ import kopf
 import pytest
 import yaml
 from kubernetes.client.rest import ApiException
-
 from tests.cluster.conftest import wait_until
 from tests.cluster.operator_identity import operator_identity
 
@@ -46,7 +45,9 @@ def operator(cluster, namespace, crd, kopf_runner_as, monkeypatch):
         registry = kopf.OperatorRegistry()
         kopf.on.login(registry=registry)(kopf.login_via_client)
         kopf.set_default_registry(registry)
-        with kopf_runner_as(account, namespace, paths=(HANDLERS,), watch_namespaces=(namespace,), registry=registry) as runner:
+        with kopf_runner_as(
+            account, namespace, paths=(HANDLERS,), watch_namespaces=(namespace,), registry=registry
+        ) as runner:
             yield runner
         assert runner.exception is None, runner.exception
         assert "Traceback" not in runner.output, runner.output[-4000:]
@@ -59,8 +60,12 @@ def operator(cluster, namespace, crd, kopf_runner_as, monkeypatch):
 
 
 def _endpoint(name: str, **spec) -> dict:
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LLMEndpoint", "metadata": {"name": name},
-            "spec": {"model": {"source": "hf://Qwen/Qwen2.5-7B-Instruct", "aliases": ["chat"]}}}
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LLMEndpoint",
+        "metadata": {"name": name},
+        "spec": {"model": {"source": "hf://Qwen/Qwen2.5-7B-Instruct", "aliases": ["chat"]}},
+    }
     body["spec"].update(spec)
     return body
 
@@ -84,19 +89,42 @@ def _pods(cluster, namespace, name, node_type=None):
 
 def test_endpoint_becomes_rayservice_with_gpu_workers_on_the_profiles_nodes(cluster, namespace, operator):
     with operator():
-        cluster.apply(_endpoint("qwen", resources={"profile": "nvidia-h100:1"}, autoscaling={"minReplicas": 2, "maxReplicas": 3}), namespace)
+        cluster.apply(
+            _endpoint("qwen", resources={"profile": "nvidia-h100:1"}, autoscaling={"minReplicas": 2, "maxReplicas": 3}),
+            namespace,
+        )
         rs = wait_until(lambda: _rayservice(cluster, namespace, "qwen"), timeout=60, message="RayService qwen")
         assert rs["metadata"]["ownerReferences"][0]["kind"] == "LLMEndpoint"
         svc = cluster.core.read_namespaced_service("qwen-serve", namespace)
         assert svc.spec.ports[0].port == 8000
         workers = wait_until(
-            lambda: [p for p in _pods(cluster, namespace, "qwen", "worker") if p.spec.node_name] if len(_pods(cluster, namespace, "qwen", "worker")) >= 2 else None,
-            timeout=120, message=lambda: f"2 scheduled GPU workers; pods: {[(p.metadata.name, p.spec.node_name) for p in _pods(cluster, namespace, 'qwen')]}")
+            lambda: (
+                [p for p in _pods(cluster, namespace, "qwen", "worker") if p.spec.node_name]
+                if len(_pods(cluster, namespace, "qwen", "worker")) >= 2
+                else None
+            ),
+            timeout=120,
+            message=lambda: (
+                "2 scheduled GPU workers; pods: "
+                + str([(p.metadata.name, p.spec.node_name) for p in _pods(cluster, namespace, "qwen")])
+            ),
+        )
         assert {p.spec.node_name for p in workers} <= H100_NODES
-        head = wait_until(lambda: [p for p in _pods(cluster, namespace, "qwen", "head") if p.spec.node_name], timeout=120, message="head pod scheduled")
+        head = wait_until(
+            lambda: [p for p in _pods(cluster, namespace, "qwen", "head") if p.spec.node_name],
+            timeout=120,
+            message="head pod scheduled",
+        )
         assert head[0].spec.node_name not in H100_NODES | {"gpu-l4-0"}
-        obj = wait_until(lambda: _get(cluster, namespace, "qwen") if (_get(cluster, namespace, "qwen").get("status") or {}).get("observedGeneration") else None,
-                         timeout=60, message="status.observedGeneration")
+        obj = wait_until(
+            lambda: (
+                _get(cluster, namespace, "qwen")
+                if (_get(cluster, namespace, "qwen").get("status") or {}).get("observedGeneration")
+                else None
+            ),
+            timeout=60,
+            message="status.observedGeneration",
+        )
         assert obj["status"]["url"] == f"http://qwen-serve.{namespace}.svc:8000/v1"
         assert obj["status"]["models"] == ["qwen", "chat"]
         assert _condition(obj, "Ready")["status"] == "False"  # no real Ray head answers on fake nodes
@@ -115,7 +143,11 @@ def test_profile_no_node_satisfies_reports_waiting_for_gpu_node_with_schedulers_
             ready = _condition(_get(cluster, namespace, "nowhere"), "Ready")
             return ready if ready and ready["reason"] == "WaitingForGPUNode" else None
 
-        ready = wait_until(waiting, timeout=120, message=lambda: f"WaitingForGPUNode; status: {_get(cluster, namespace, 'nowhere').get('status')}")
+        ready = wait_until(
+            waiting,
+            timeout=120,
+            message=lambda: f"WaitingForGPUNode; status: {_get(cluster, namespace, 'nowhere').get('status')}",
+        )
         assert ready["status"] == "False"
         assert "node" in ready["message"] and ("selector" in ready["message"] or "affinity" in ready["message"])
         cluster.wait_for_event(namespace, "LLMEndpoint", "nowhere", "WaitingForGPUNode")
@@ -128,21 +160,44 @@ def test_engine_change_updates_rayservice_in_place_and_hand_edits_are_corrected(
         assert "max_model_len: 4096" in first["spec"]["serveConfigV2"]
         cluster.apply(_endpoint("edit", engine={"maxModelLen": 8192}), namespace)
         second = wait_until(
-            lambda: (rs := _rayservice(cluster, namespace, "edit")) and "max_model_len: 8192" in rs["spec"]["serveConfigV2"] and rs,
-            timeout=60, message="serveConfigV2 to carry max_model_len 8192")
+            lambda: (
+                (rs := _rayservice(cluster, namespace, "edit"))
+                and "max_model_len: 8192" in rs["spec"]["serveConfigV2"]
+                and rs
+            ),
+            timeout=60,
+            message="serveConfigV2 to carry max_model_len 8192",
+        )
         assert second["metadata"]["uid"] == first["metadata"]["uid"]
         # A hand edit under another field manager; the operator's apply takes its field back.
-        cluster.kubectl("patch", "rayservice", "edit", "-n", namespace, "--type=json", "-p",
-                        '[{"op":"replace","path":"/spec/rayClusterConfig/workerGroupSpecs/0/maxReplicas","value":99}]')
+        cluster.kubectl(
+            "patch",
+            "rayservice",
+            "edit",
+            "-n",
+            namespace,
+            "--type=json",
+            "-p",
+            '[{"op":"replace","path":"/spec/rayClusterConfig/workerGroupSpecs/0/maxReplicas","value":99}]',
+        )
         wait_until(
-            lambda: _rayservice(cluster, namespace, "edit")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] == 1,
-            timeout=60, message="the hand-edited maxReplicas to be corrected back to 1")
+            lambda: (
+                _rayservice(cluster, namespace, "edit")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0][
+                    "maxReplicas"
+                ]
+                == 1
+            ),
+            timeout=60,
+            message="the hand-edited maxReplicas to be corrected back to 1",
+        )
 
 
 def test_unknown_profile_is_invalid_spec_with_event_and_nothing_built(cluster, namespace, operator):
     with operator() as runner:
         cluster.apply(_endpoint("bad", resources={"profile": "tpu-v5"}), namespace)
-        ready = wait_until(lambda: _condition(_get(cluster, namespace, "bad"), "Ready"), timeout=60, message="Ready condition")
+        ready = wait_until(
+            lambda: _condition(_get(cluster, namespace, "bad"), "Ready"), timeout=60, message="Ready condition"
+        )
         assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
         assert "tpu-v5" in ready["message"] and "nvidia-h100" in ready["message"]
         cluster.wait_for_event(namespace, "LLMEndpoint", "bad", "InvalidSpec")
@@ -159,11 +214,26 @@ def test_deleting_the_endpoint_removes_every_child(cluster, namespace, operator)
         cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "gone")
 
         def all_gone():
-            left = cluster.kubectl("get", "rayservice,raycluster,service,pvc,pod", "-n", namespace, "-l", "llmep.io/endpoint=gone", "-o", "name")
+            left = cluster.kubectl(
+                "get",
+                "rayservice,raycluster,service,pvc,pod",
+                "-n",
+                namespace,
+                "-l",
+                "llmep.io/endpoint=gone",
+                "-o",
+                "name",
+            )
             rs = cluster.kubectl("get", "rayservice,raycluster", "-n", namespace, "-o", "name")
             return not left.strip() and not rs.strip()
 
-        wait_until(all_gone, timeout=120, message=lambda: "children of gone to be collected: " + cluster.kubectl("get", "all,pvc", "-n", namespace, "-o", "name"))
+        wait_until(
+            all_gone,
+            timeout=120,
+            message=lambda: (
+                "children of gone to be collected: " + cluster.kubectl("get", "all,pvc", "-n", namespace, "-o", "name")
+            ),
+        )
 
 
 def test_operator_restart_mid_reconcile_leaves_no_duplicates_or_orphans(cluster, namespace, operator):
@@ -172,17 +242,37 @@ def test_operator_restart_mid_reconcile_leaves_no_duplicates_or_orphans(cluster,
         for name in names:
             cluster.apply(_endpoint(name), namespace)
         # Stop while some are still being handled.
-        wait_until(lambda: len(cluster.kubectl("get", "rayservice", "-n", namespace, "-o", "name").split()) >= 1, timeout=60, message="a first RayService")
+        wait_until(
+            lambda: len(cluster.kubectl("get", "rayservice", "-n", namespace, "-o", "name").split()) >= 1,
+            timeout=60,
+            message="a first RayService",
+        )
     with operator():
-        wait_until(lambda: len(cluster.kubectl("get", "rayservice", "-n", namespace, "-o", "name").split()) == len(names), timeout=120, message="one RayService per endpoint")
-        wait_until(lambda: all((_get(cluster, namespace, n).get("status") or {}).get("observedGeneration") for n in names), timeout=120, message="status on every endpoint")
-    services = cluster.kubectl("get", "service", "-n", namespace, "-l", "app.kubernetes.io/managed-by=llmep-operator", "-o", "name").split()
+        wait_until(
+            lambda: len(cluster.kubectl("get", "rayservice", "-n", namespace, "-o", "name").split()) == len(names),
+            timeout=120,
+            message="one RayService per endpoint",
+        )
+        wait_until(
+            lambda: all((_get(cluster, namespace, n).get("status") or {}).get("observedGeneration") for n in names),
+            timeout=120,
+            message="status on every endpoint",
+        )
+    services = cluster.kubectl(
+        "get", "service", "-n", namespace, "-l", "app.kubernetes.io/managed-by=llmep-operator", "-o", "name"
+    ).split()
     assert sorted(services) == sorted(f"service/{n}-serve" for n in names)
     rayservices = cluster.kubectl("get", "rayservice", "-n", namespace, "-o", "name").split()
     assert sorted(rayservices) == sorted(f"rayservice.ray.io/{n}" for n in names)
     clusters = wait_until(
-        lambda: (items := yaml.safe_load(cluster.kubectl("get", "raycluster", "-n", namespace, "-o", "yaml"))["items"]) and len(items) >= len(names) and items,
-        timeout=120, message="KubeRay to create one RayCluster per RayService")
+        lambda: (
+            (items := yaml.safe_load(cluster.kubectl("get", "raycluster", "-n", namespace, "-o", "yaml"))["items"])
+            and len(items) >= len(names)
+            and items
+        ),
+        timeout=120,
+        message="KubeRay to create one RayCluster per RayService",
+    )
     owners = sorted(c["metadata"]["ownerReferences"][0]["name"] for c in clusters)
     assert owners == sorted(names), "one RayCluster per RayService, each owned"
 

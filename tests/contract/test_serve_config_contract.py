@@ -11,11 +11,11 @@ pytest.importorskip("ray.serve.llm", reason="the contract tier needs ray[serve] 
 
 from ray.serve.llm import LLMConfig, LLMServingArgs  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
+from tests.conftest import VALID_FIXTURES, load_fixture  # noqa: E402
 
 from llmep_operator.api import parse_endpoint  # noqa: E402
 from llmep_operator.render import build_rayservice, build_serve_config  # noqa: E402
 from llmep_operator.settings import OperatorSettings  # noqa: E402
-from tests.conftest import VALID_FIXTURES, load_fixture  # noqa: E402
 
 pytestmark = pytest.mark.contract
 SETTINGS = OperatorSettings()
@@ -24,9 +24,22 @@ MINIMAL = next(p for p in VALID_FIXTURES if p.stem == "minimal")
 VARIANTS = {
     "defaults": {},
     "h100-tp2": {"engine": {"tensorParallelSize": 2}, "resources": {"profile": "nvidia-h100:2"}},
-    "multinode-tp8-pp2": {"engine": {"tensorParallelSize": 8, "pipelineParallelSize": 2}, "resources": {"profile": "nvidia-h100"}},
-    "l4-scale-to-zero": {"resources": {"profile": "nvidia-l4"}, "autoscaling": {"minReplicas": 0, "maxReplicas": 4, "targetQueueDepth": 2}},
-    "a100-extra-args": {"resources": {"profile": "nvidia-a100-80gb"}, "engine": {"extraArgs": {"enable_prefix_caching": True, "max_num_seqs": 64}, "maxModelLen": 4096, "dtype": "bfloat16"}},
+    "multinode-tp8-pp2": {
+        "engine": {"tensorParallelSize": 8, "pipelineParallelSize": 2},
+        "resources": {"profile": "nvidia-h100"},
+    },
+    "l4-scale-to-zero": {
+        "resources": {"profile": "nvidia-l4"},
+        "autoscaling": {"minReplicas": 0, "maxReplicas": 4, "targetQueueDepth": 2},
+    },
+    "a100-extra-args": {
+        "resources": {"profile": "nvidia-a100-80gb"},
+        "engine": {
+            "extraArgs": {"enable_prefix_caching": True, "max_num_seqs": 64},
+            "maxModelLen": 4096,
+            "dtype": "bfloat16",
+        },
+    },
     "gke-l4": {"resources": {"profile": "gke-l4"}},
     "cpu": {"resources": {"profile": "cpu"}, "engine": {"maxModelLen": 256}},
     "s3-source": {"model": {"source": "s3://bucket/org/model"}},

@@ -77,8 +77,7 @@ def admission_errors(openapi_schema: dict[str, Any], obj: dict[str, Any]) -> lis
     obj = apply_defaults(openapi_schema, copy.deepcopy(obj))
     validator = jsonschema.Draft7Validator(to_json_schema(openapi_schema))
     problems = [
-        ".".join(str(p) for p in error.absolute_path) + ": " + error.message
-        for error in validator.iter_errors(obj)
+        ".".join(str(p) for p in error.absolute_path) + ": " + error.message for error in validator.iter_errors(obj)
     ]
     if problems:
         return problems

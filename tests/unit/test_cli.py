@@ -12,9 +12,7 @@ pytestmark = pytest.mark.unit
 
 
 def _llmep(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "llmep_serving.cli", *args], capture_output=True, text=True
-    )
+    return subprocess.run([sys.executable, "-m", "llmep_serving.cli", *args], capture_output=True, text=True)
 
 
 def test_version_prints_the_package_version():

@@ -16,7 +16,14 @@ EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.yaml"))
 
 def test_there_are_examples_for_the_common_shapes():
     names = {p.stem for p in EXAMPLES}
-    assert {"llama-3.1-8b-l4", "llama-3.3-70b-h100-tp4", "deepseek-v3-multinode", "mistral-7b-scale-to-zero", "qwen2.5-7b-aliases", "tiny-cpu"} <= names
+    assert {
+        "llama-3.1-8b-l4",
+        "llama-3.3-70b-h100-tp4",
+        "deepseek-v3-multinode",
+        "mistral-7b-scale-to-zero",
+        "qwen2.5-7b-aliases",
+        "tiny-cpu",
+    } <= names
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)

@@ -74,7 +74,13 @@ def test_serve_config_is_one_build_openai_app_with_one_llm_config():
 
 
 def test_hf_token_comes_from_the_secret_and_is_never_inlined():
-    rayservice = build_rayservice(_endpoint(MINIMAL, model={"source": "hf://meta-llama/Llama-3.1-8B-Instruct", "tokenSecretRef": {"name": "hf", "key": "tok"}}), SETTINGS)
+    rayservice = build_rayservice(
+        _endpoint(
+            MINIMAL,
+            model={"source": "hf://meta-llama/Llama-3.1-8B-Instruct", "tokenSecretRef": {"name": "hf", "key": "tok"}},
+        ),
+        SETTINGS,
+    )
     worker = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in worker["env"]}
     assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "tok"}}
@@ -83,7 +89,10 @@ def test_hf_token_comes_from_the_secret_and_is_never_inlined():
 
 
 def test_gpu_worker_group_carries_profile_scheduling():
-    rayservice = build_rayservice(_endpoint(MINIMAL, resources={"profile": "nvidia-h100"}, autoscaling={"minReplicas": 2, "maxReplicas": 5}), SETTINGS)
+    rayservice = build_rayservice(
+        _endpoint(MINIMAL, resources={"profile": "nvidia-h100"}, autoscaling={"minReplicas": 2, "maxReplicas": 5}),
+        SETTINGS,
+    )
     cluster = rayservice["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
     (group,) = cluster["workerGroupSpecs"]
@@ -99,7 +108,12 @@ def test_gpu_worker_group_carries_profile_scheduling():
 
 
 def test_parallelism_beyond_one_node_spans_several_workers():
-    endpoint = _endpoint(MINIMAL, engine={"tensorParallelSize": 8, "pipelineParallelSize": 2}, resources={"profile": "nvidia-h100"}, autoscaling={"minReplicas": 1, "maxReplicas": 3})
+    endpoint = _endpoint(
+        MINIMAL,
+        engine={"tensorParallelSize": 8, "pipelineParallelSize": 2},
+        resources={"profile": "nvidia-h100"},
+        autoscaling={"minReplicas": 1, "maxReplicas": 3},
+    )
     plan = make_plan(endpoint, SETTINGS)
     assert (plan.gpus_per_worker, plan.workers_per_replica) == (8, 2)
     rayservice = build_rayservice(endpoint, SETTINGS)
@@ -111,7 +125,9 @@ def test_parallelism_beyond_one_node_spans_several_workers():
 
 
 def test_scale_to_zero_starts_with_no_workers():
-    group = build_rayservice(_endpoint(MINIMAL, autoscaling={"minReplicas": 0, "maxReplicas": 2}), SETTINGS)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    group = build_rayservice(_endpoint(MINIMAL, autoscaling={"minReplicas": 0, "maxReplicas": 2}), SETTINGS)["spec"][
+        "rayClusterConfig"
+    ]["workerGroupSpecs"][0]
     assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (0, 0, 2)
 
 
@@ -128,7 +144,9 @@ def test_parallelism_no_node_shape_holds_is_invalid_spec():
 
 
 def test_cpu_profile_adapts_the_engine_without_a_fork():
-    llm = build_serve_config(_endpoint(MINIMAL, resources={"profile": "cpu"}), SETTINGS)["applications"][0]["args"]["llm_configs"][0]
+    llm = build_serve_config(_endpoint(MINIMAL, resources={"profile": "cpu"}), SETTINGS)["applications"][0]["args"][
+        "llm_configs"
+    ][0]
     assert llm["engine_kwargs"]["dtype"] == "float32"
     assert llm["engine_kwargs"]["distributed_executor_backend"] == "mp"
     assert llm["placement_group_config"]["bundles"] == [{"CPU": 1}]

@@ -17,7 +17,9 @@ T1 = datetime(2026, 1, 2, tzinfo=UTC)
 def _pod(name, node_type="worker", ready=False, unschedulable=None):
     conditions = [{"type": "Ready", "status": "True" if ready else "False"}]
     if unschedulable:
-        conditions.append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": unschedulable})
+        conditions.append(
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": unschedulable}
+        )
     return {"metadata": {"name": name, "labels": {"ray.io/node-type": node_type}}, "status": {"conditions": conditions}}
 
 
@@ -40,7 +42,9 @@ def _cond(status, kind):
 
 def test_unschedulable_gpu_worker_is_waiting_for_gpu_node_with_the_schedulers_words():
     message = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
-    status = build_status(_obs(rayservice=_rayservice(), pods=[_pod("head", "head", True), _pod("w1", unschedulable=message)]), None, T0)
+    status = build_status(
+        _obs(rayservice=_rayservice(), pods=[_pod("head", "head", True), _pod("w1", unschedulable=message)]), None, T0
+    )
     ready = _cond(status, "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "WaitingForGPUNode")
     assert message in ready["message"] and "w1" in ready["message"]
@@ -65,12 +69,18 @@ def test_multi_node_replicas_count_whole_replicas():
 
 
 def test_scaled_to_zero_is_ready_with_its_own_reason():
-    verdict = judge(_obs(rayservice=_rayservice(ready=True, app_status="RUNNING"), pods=[_pod("head", "head", True)], min_replicas=0))
+    verdict = judge(
+        _obs(
+            rayservice=_rayservice(ready=True, app_status="RUNNING"), pods=[_pod("head", "head", True)], min_replicas=0
+        )
+    )
     assert verdict.ready and verdict.reason.value == "ScaledToZero"
 
 
 def test_failed_application_is_degraded_with_serves_message():
-    status = build_status(_obs(rayservice=_rayservice(app_status="DEPLOY_FAILED", message="CUDA out of memory")), None, T0)
+    status = build_status(
+        _obs(rayservice=_rayservice(app_status="DEPLOY_FAILED", message="CUDA out of memory")), None, T0
+    )
     degraded = _cond(status, "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "BackendFailed")
     assert "CUDA out of memory" in degraded["message"]

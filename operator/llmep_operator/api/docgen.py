@@ -1,7 +1,7 @@
 """Write docs/api.md, the LLMEndpoint API reference, from the generated CRD's descriptions.
 
-    python -m llmep_operator.api.docgen           # write docs/api.md
-    python -m llmep_operator.api.docgen --check   # exit 1 when it is stale
+python -m llmep_operator.api.docgen           # write docs/api.md
+python -m llmep_operator.api.docgen --check   # exit 1 when it is stale
 """
 
 from __future__ import annotations
@@ -38,7 +38,13 @@ def _constraints(node: dict[str, Any]) -> str:
     parts = []
     if "enum" in node:
         parts.append("one of " + ", ".join(f"`{v}`" for v in node["enum"]))
-    for key, label in (("minimum", "≥"), ("maximum", "≤"), ("exclusiveMinimum", ">"), ("maxLength", "max length"), ("maxItems", "max items")):
+    for key, label in (
+        ("minimum", "≥"),
+        ("maximum", "≤"),
+        ("exclusiveMinimum", ">"),
+        ("maxLength", "max length"),
+        ("maxItems", "max items"),
+    ):
         if key in node:
             parts.append(f"{label} {node[key]}")
     if "pattern" in node:
@@ -71,7 +77,9 @@ def render() -> str:
         out.append("| field | type | default | description | rules |\n| --- | --- | --- | --- | --- |\n")
         out.append("\n".join(_rows(node, top, set(node.get("required", [])))) + "\n\n")
     out.append("## Cross-field rules (checked at admission)\n\n")
-    for rule in root["properties"]["spec"].get("x-kubernetes-validations", []) + root.get("x-kubernetes-validations", []):
+    for rule in root["properties"]["spec"].get("x-kubernetes-validations", []) + root.get(
+        "x-kubernetes-validations", []
+    ):
         out.append(f"- {rule['message']}\n")
     out.append("\n## Printer columns (`kubectl get llmep`)\n\n")
     for column in version["additionalPrinterColumns"]:

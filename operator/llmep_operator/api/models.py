@@ -33,7 +33,7 @@ SOURCE_PATTERN = r"^(hf|pvc|s3|gs)://[^\s/]+(/[^\s]*)?$|^file:///[^\s]*$"
 SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 PROFILE_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(:[1-9][0-9]*)?$"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|K|M|G|T|P)?$"
-SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"  # noqa: S105 - a pattern, not a secret
 
 
 def _cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
@@ -133,10 +133,7 @@ class ModelSpec(ApiModel):
         if scheme == "file" and not value.startswith("file:///"):
             raise ValueError(f"file:// sources need an absolute path, e.g. file:///models/x; got {value!r}")
         if not re.fullmatch(SOURCE_PATTERN, value):
-            raise ValueError(
-                f"malformed model source {value!r}: expected {scheme}://BUCKET_OR_ORG/PATH "
-                "without spaces"
-            )
+            raise ValueError(f"malformed model source {value!r}: expected {scheme}://BUCKET_OR_ORG/PATH without spaces")
         return value
 
     @field_validator("aliases")
@@ -156,7 +153,13 @@ class ModelSpec(ApiModel):
 DType = Literal["auto", "float16", "bfloat16", "float32"]
 
 
-TYPED_ENGINE_ARGS = ("max_model_len", "tensor_parallel_size", "pipeline_parallel_size", "dtype", "gpu_memory_utilization")
+TYPED_ENGINE_ARGS = (
+    "max_model_len",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "dtype",
+    "gpu_memory_utilization",
+)
 
 
 class EngineSpec(ApiModel):
@@ -169,7 +172,8 @@ class EngineSpec(ApiModel):
                     "!has(self.extraArgs) || !("
                     + " || ".join(f"has(self.extraArgs.{a})" for a in TYPED_ENGINE_ARGS)
                     + ")",
-                    "engine.extraArgs must not set " + ", ".join(TYPED_ENGINE_ARGS)
+                    "engine.extraArgs must not set "
+                    + ", ".join(TYPED_ENGINE_ARGS)
                     + ": use the typed fields (maxModelLen, tensorParallelSize, pipelineParallelSize, "
                     "dtype, gpuMemoryUtilization)",
                     ".extraArgs",
@@ -222,9 +226,15 @@ class EngineSpec(ApiModel):
             "properties": {
                 "max_model_len": {"type": "integer", "description": "Refused: use engine.maxModelLen."},
                 "tensor_parallel_size": {"type": "integer", "description": "Refused: use engine.tensorParallelSize."},
-                "pipeline_parallel_size": {"type": "integer", "description": "Refused: use engine.pipelineParallelSize."},
+                "pipeline_parallel_size": {
+                    "type": "integer",
+                    "description": "Refused: use engine.pipelineParallelSize.",
+                },
                 "dtype": {"type": "string", "description": "Refused: use engine.dtype."},
-                "gpu_memory_utilization": {"type": "number", "description": "Refused: use engine.gpuMemoryUtilization."},
+                "gpu_memory_utilization": {
+                    "type": "number",
+                    "description": "Refused: use engine.gpuMemoryUtilization.",
+                },
             },
         },
     )
@@ -324,9 +334,7 @@ class AutoscalingSpec(ApiModel):
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:
         if self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"minReplicas ({self.min_replicas}) must be <= maxReplicas ({self.max_replicas})"
-            )
+            raise ValueError(f"minReplicas ({self.min_replicas}) must be <= maxReplicas ({self.max_replicas})")
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.target_queue_depth:
             raise ValueError(
                 f"maxOngoingRequests ({self.max_ongoing_requests}) must be >= targetQueueDepth "
@@ -352,7 +360,10 @@ class CacheSpec(ApiModel):
         ),
         json_schema_extra={
             "x-kubernetes-validations": [
-                _cel("self == oldSelf", "cache.storageClassName is immutable; delete the cache PVC and the endpoint to change it")
+                _cel(
+                    "self == oldSelf",
+                    "cache.storageClassName is immutable; delete the cache PVC and the endpoint to change it",
+                )
             ]
         },
     )
@@ -381,7 +392,9 @@ class LLMEndpointSpec(ApiModel):
         default=None,
         max_length=512,
         pattern=r"^[^\s]+$",
-        description="Serving image for the Ray head and workers. Default: the profile's image from the operator settings.",
+        description=(
+            "Serving image for the Ray head and workers. Default: the profile's image from the operator settings."
+        ),
     )
 
     @model_validator(mode="after")
@@ -419,8 +432,7 @@ SPEC_CEL_RULES = [
         ".resources.profile",
     ),
     _cel(
-        "!has(self.model.servedName) || !has(self.model.aliases) || "
-        "!(self.model.servedName in self.model.aliases)",
+        "!has(self.model.servedName) || !has(self.model.aliases) || !(self.model.servedName in self.model.aliases)",
         "model.aliases must not repeat model.servedName",
         ".model.aliases",
     ),
@@ -439,19 +451,19 @@ ROOT_CEL_RULES = [
 ]
 
 
-class ConditionType(str, enum.Enum):
+class ConditionType(enum.StrEnum):
     READY = "Ready"
     PROGRESSING = "Progressing"
     DEGRADED = "Degraded"
 
 
-class ConditionStatus(str, enum.Enum):
+class ConditionStatus(enum.StrEnum):
     TRUE = "True"
     FALSE = "False"
     UNKNOWN = "Unknown"
 
 
-class Reason(str, enum.Enum):
+class Reason(enum.StrEnum):
     """Why a condition has its status; one vocabulary for every condition."""
 
     RECONCILING = "Reconciling"
@@ -499,9 +511,7 @@ class LLMEndpointStatus(ApiModel):
         description="Ready, Progressing and Degraded, each with a reason and message.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
-    url: str | None = Field(
-        default=None, description="OpenAI base_url of this endpoint inside the cluster (…/v1)."
-    )
+    url: str | None = Field(default=None, description="OpenAI base_url of this endpoint inside the cluster (…/v1).")
     models: list[str] = Field(
         default_factory=list, description="Model ids this endpoint answers to: servedName then aliases."
     )

@@ -62,9 +62,7 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str,
         if key in _DROPPED_KEYS or key == "anyOf":
             continue
         if key == "properties":
-            out["properties"] = {
-                name: _convert(prop, defs, f"{path}.{name}") for name, prop in value.items()
-            }
+            out["properties"] = {name: _convert(prop, defs, f"{path}.{name}") for name, prop in value.items()}
         elif key == "items":
             out["items"] = _convert(value, defs, f"{path}[]")
         elif key == "additionalProperties":

@@ -12,7 +12,7 @@ from llmep_operator.settings import OperatorSettings, ResourceProfile
 
 MODEL_MOUNT_ROOT = "/mnt/models"
 CACHE_MOUNT = "/home/ray/.cache/huggingface"
-HF_TOKEN_ENV = "HF_TOKEN"
+HF_TOKEN_ENV = "HF_TOKEN"  # noqa: S105 - a variable name
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,10 @@ def make_plan(endpoint: LLMEndpoint, settings: OperatorSettings) -> ServingPlan:
     env = _secret_env(endpoint)
     if endpoint.spec.cache.enabled:
         volumes.append(
-            {"name": "weights-cache", "persistentVolumeClaim": {"claimName": naming.cache_pvc_name(endpoint.metadata.name)}}
+            {
+                "name": "weights-cache",
+                "persistentVolumeClaim": {"claimName": naming.cache_pvc_name(endpoint.metadata.name)},
+            }
         )
         mounts.append({"name": "weights-cache", "mountPath": CACHE_MOUNT})
         env.append({"name": "HF_HOME", "value": CACHE_MOUNT})
@@ -134,7 +137,7 @@ def make_plan(endpoint: LLMEndpoint, settings: OperatorSettings) -> ServingPlan:
 def quantity_times(quantity: str, factor: int) -> str:
     """'8' × 2 = '16', '64Gi' × 2 = '128Gi' (only the integer forms profiles use)."""
     digits = quantity.rstrip("KMGTPEikmgtpe")
-    unit = quantity[len(digits):]
+    unit = quantity[len(digits) :]
     if not digits.isdigit():
         raise InvalidSpec(f"resource quantity {quantity!r} in a profile must be an integer with an optional unit")
     return f"{int(digits) * max(factor, 1)}{unit}"

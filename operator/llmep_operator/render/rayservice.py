@@ -106,9 +106,7 @@ def _worker_group(plan: ServingPlan) -> dict[str, Any]:
     }
 
 
-def build_rayservice(
-    endpoint: LLMEndpoint, settings: OperatorSettings, owner_uid: str | None = None
-) -> dict[str, Any]:
+def build_rayservice(endpoint: LLMEndpoint, settings: OperatorSettings, owner_uid: str | None = None) -> dict[str, Any]:
     plan = make_plan(endpoint, settings)
     serve_config = build_serve_config(endpoint, settings)
     return {
@@ -144,7 +142,9 @@ def build_serve_service(
         "spec": {
             "type": "ClusterIP",
             "selector": {naming.ENDPOINT_LABEL: plan.name, naming.SERVE_LABEL: "true"},
-            "ports": [{"name": "http", "port": settings.serve_port, "targetPort": settings.serve_port, "protocol": "TCP"}],
+            "ports": [
+                {"name": "http", "port": settings.serve_port, "targetPort": settings.serve_port, "protocol": "TCP"}
+            ],
         },
     }
 

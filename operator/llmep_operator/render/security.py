@@ -38,6 +38,6 @@ def writable_volumes() -> dict[str, list[dict[str, Any]]]:
         "mounts": [
             {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - an emptyDir, not the host's /tmp
             {"name": "home-cache", "mountPath": "/home/ray/.cache"},
-            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "dshm", "mountPath": "/dev/shm"},  # noqa: S108 - a memory emptyDir for NCCL
         ],
     }
