@@ -58,6 +58,9 @@ def _placement_group(plan: ServingPlan) -> dict[str, Any] | None:
 def build_llm_config(plan: ServingPlan) -> dict[str, Any]:
     endpoint = plan.endpoint
     env_vars = {**plan.profile.env, **endpoint.spec.engine.env}
+    if isinstance(plan.model_source, str) and plan.model_source.startswith("/"):
+        # Weights on a local path (file://, pvc://): never reach for the hub.
+        env_vars.setdefault("HF_HUB_OFFLINE", "1")
     config: dict[str, Any] = {
         "model_loading_config": {"model_id": endpoint.served_name, "model_source": plan.model_source},
         "engine_kwargs": _engine_kwargs(plan),
