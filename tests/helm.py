@@ -23,7 +23,8 @@ CHART_VALUES_FILES = sorted((CHART / "ci").glob("*.yaml"))
 
 def rig_bin_dir() -> Path:
     base = os.environ.get("LLMEP_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llmep")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llmep"
+    )
     return Path(base) / "rig" / "bin"
 
 
@@ -39,24 +40,27 @@ def helm_binary() -> str:
     found = shutil.which("helm")
     if found:
         return found
-    pytest.fail(f"helm not found (looked at $LLMEP_HELM, {pinned} and PATH): run `make setup` "
-                "(or `hack/local-cluster build helm`) to build the pinned helm", pytrace=False)
+    pytest.fail(
+        f"helm not found (looked at $LLMEP_HELM, {pinned} and PATH): run `make setup` "
+        "(or `hack/local-cluster build helm`) to build the pinned helm",
+        pytrace=False,
+    )
 
 
-def helm(*args: str, kubeconfig: Path | None = None, check: bool = True,
-         timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def helm(
+    *args: str, kubeconfig: Path | None = None, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     if kubeconfig is not None:
         env["KUBECONFIG"] = str(kubeconfig)
     # Keep helm's own cache and config out of the home directory and the work tree.
-    for var, sub in (("HELM_CACHE_HOME", "cache"), ("HELM_CONFIG_HOME", "config"),
-                     ("HELM_DATA_HOME", "data")):
+    for var, sub in (("HELM_CACHE_HOME", "cache"), ("HELM_CONFIG_HOME", "config"), ("HELM_DATA_HOME", "data")):
         env.setdefault(var, str(rig_bin_dir().parent / "helm-home" / sub))
-    proc = subprocess.run([helm_binary(), *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    proc = subprocess.run([helm_binary(), *args], capture_output=True, text=True, env=env, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"helm {' '.join(args)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -80,10 +84,23 @@ def value_args(values_file: Path | None = None, sets: dict[str, str] | None = No
     return args
 
 
-def template(values_file: Path | None = None, *, namespace: str = "llmep-system",
-             release: str = "llmep", sets: dict[str, str] | None = None,
-             chart: Path = CHART) -> list[dict]:
+def template(
+    values_file: Path | None = None,
+    *,
+    namespace: str = "llmep-system",
+    release: str = "llmep",
+    sets: dict[str, str] | None = None,
+    chart: Path = CHART,
+) -> list[dict]:
     """`helm template` of the chart, parsed into objects."""
-    out = helm("template", release, str(chart), "--namespace", namespace,
-               "--kube-version", kube_version(), *value_args(values_file, sets)).stdout
+    out = helm(
+        "template",
+        release,
+        str(chart),
+        "--namespace",
+        namespace,
+        "--kube-version",
+        kube_version(),
+        *value_args(values_file, sets),
+    ).stdout
     return load_all(out)

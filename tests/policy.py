@@ -66,8 +66,7 @@ def pod_specs(obj: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
         else:
             cluster, prefix = spec, "spec"
         groups = [("headGroupSpec", cluster.get("headGroupSpec") or {})]
-        groups += [(f"workerGroupSpecs[{i}]", g) for i, g in
-                   enumerate(cluster.get("workerGroupSpecs") or [])]
+        groups += [(f"workerGroupSpecs[{i}]", g) for i, g in enumerate(cluster.get("workerGroupSpecs") or [])]
         for where, group in groups:
             yield f"{prefix}.{where}.template.spec", (group.get("template") or {}).get("spec") or {}
 

@@ -57,28 +57,42 @@ def hand_crd_to_release(cluster, release: str, namespace: str) -> None:
     """Let this release adopt an LLMEndpoint CRD that other tests applied without Helm."""
     if read_crd(cluster) is None:
         return
-    cluster.apiext.patch_custom_resource_definition(CRD_NAME, {"metadata": {
-        "labels": {"app.kubernetes.io/managed-by": "Helm"},
-        "annotations": {"meta.helm.sh/release-name": release,
-                        "meta.helm.sh/release-namespace": namespace}}})
+    cluster.apiext.patch_custom_resource_definition(
+        CRD_NAME,
+        {
+            "metadata": {
+                "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                "annotations": {"meta.helm.sh/release-name": release, "meta.helm.sh/release-namespace": namespace},
+            }
+        },
+    )
 
 
 def restore_crd(cluster) -> None:
     """Uninstall deletes the CRD; later tests of the session expect it, so apply it again."""
-    cluster.wait_until(lambda: read_crd(cluster) is None, timeout=120,
-                       message=f"CRD {CRD_NAME} to be deleted")
+    cluster.wait_until(lambda: read_crd(cluster) is None, timeout=120, message=f"CRD {CRD_NAME} to be deleted")
     cluster.apply_crd(CRD_FILE)
 
 
 @contextlib.contextmanager
-def installed(cluster, namespace: str, values: dict[str, str] | None = None,
-              chart: Path | None = None) -> Iterator[str]:
+def installed(
+    cluster, namespace: str, values: dict[str, str] | None = None, chart: Path | None = None
+) -> Iterator[str]:
     release = release_name(namespace)
     hand_crd_to_release(cluster, release, namespace)
     try:
-        helm("install", release, str(chart or CHART), "--namespace", namespace, "--wait",
-             "--timeout", "180s", *sets({**FAKE_IMAGE, **(values or {})}),
-             kubeconfig=cluster.kubeconfig)
+        helm(
+            "install",
+            release,
+            str(chart or CHART),
+            "--namespace",
+            namespace,
+            "--wait",
+            "--timeout",
+            "180s",
+            *sets({**FAKE_IMAGE, **(values or {})}),
+            kubeconfig=cluster.kubeconfig,
+        )
         yield release
     except BaseException:
         # Clean up, but let the test's own failure be the one reported.
@@ -93,19 +107,32 @@ def release_finalizers(cluster, namespace: str) -> None:
     once the test's operator is gone; without this the CRD and the namespace never go."""
     if read_crd(cluster) is None:
         return
-    items = cluster.custom.list_namespaced_custom_object(
-        "llmep.io", "v1alpha1", namespace, "llmendpoints")["items"]
+    items = cluster.custom.list_namespaced_custom_object("llmep.io", "v1alpha1", namespace, "llmendpoints")["items"]
     for item in items:
         if item["metadata"].get("finalizers"):
             cluster.custom.patch_namespaced_custom_object(
-                "llmep.io", "v1alpha1", namespace, "llmendpoints", item["metadata"]["name"],
-                {"metadata": {"finalizers": None}})
+                "llmep.io",
+                "v1alpha1",
+                namespace,
+                "llmendpoints",
+                item["metadata"]["name"],
+                {"metadata": {"finalizers": None}},
+            )
 
 
 def uninstall_and_restore_crd(cluster, release: str, namespace: str) -> None:
     release_finalizers(cluster, namespace)
-    helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s",
-         kubeconfig=cluster.kubeconfig, check=False)
+    helm(
+        "uninstall",
+        release,
+        "--namespace",
+        namespace,
+        "--wait",
+        "--timeout",
+        "120s",
+        kubeconfig=cluster.kubeconfig,
+        check=False,
+    )
     restore_crd(cluster)
 
 
@@ -141,13 +168,11 @@ def deployment_available(cluster, namespace: str, name: str, replicas: int) -> b
 
 
 def delete_endpoint(cluster, namespace: str, name: str) -> None:
-    cluster.custom.delete_namespaced_custom_object(
-        "llmep.io", "v1alpha1", namespace, "llmendpoints", name)
+    cluster.custom.delete_namespaced_custom_object("llmep.io", "v1alpha1", namespace, "llmendpoints", name)
 
     def gone() -> bool:
         try:
-            cluster.custom.get_namespaced_custom_object(
-                "llmep.io", "v1alpha1", namespace, "llmendpoints", name)
+            cluster.custom.get_namespaced_custom_object("llmep.io", "v1alpha1", namespace, "llmendpoints", name)
         except ApiException as e:
             return e.status == 404
         return False
@@ -156,22 +181,28 @@ def delete_endpoint(cluster, namespace: str, name: str) -> None:
 
 
 def endpoint_manifest(namespace: str) -> dict:
-    return {"apiVersion": "llmep.io/v1alpha1", "kind": "LLMEndpoint",
-            "metadata": {"name": "qwen-small", "namespace": namespace},
-            "spec": {"model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct"},
-                     "resources": {"profile": "nvidia-l4"}}}
+    return {
+        "apiVersion": "llmep.io/v1alpha1",
+        "kind": "LLMEndpoint",
+        "metadata": {"name": "qwen-small", "namespace": namespace},
+        "spec": {"model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct"}, "resources": {"profile": "nvidia-l4"}},
+    }
 
 
 @pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
 def test_install_runs_both_deployments_and_the_operator_reconciles_with_chart_rbac_only(
-        cluster, namespace, kopf_runner_as, mode):
+    cluster, namespace, kopf_runner_as, mode
+):
     namespaced = mode == "namespaced"
     values = {"watchNamespaces": f"{{{namespace}}}"} if namespaced else {}
     with installed(cluster, namespace, values) as release:
         operator, gateway = f"{release}-operator", "llmep-gateway"
         for name in (operator, gateway):
-            cluster.wait_until(lambda n=name: deployment_available(cluster, namespace, n, 2),
-                               timeout=120, message=f"Deployment {name} to have 2 available")
+            cluster.wait_until(
+                lambda n=name: deployment_available(cluster, namespace, n, 2),
+                timeout=120,
+                message=f"Deployment {name} to have 2 available",
+            )
         service = cluster.core.read_namespaced_service(gateway, namespace)
         assert service.spec.ports[0].port == 80
 
@@ -183,24 +214,35 @@ def test_install_runs_both_deployments_and_the_operator_reconciles_with_chart_rb
             watch = (namespace,) if namespaced else ()
             # A fresh registry: the handlers file registers into it alone, not next to the
             # handlers (and cached API client) of an earlier run in this process.
-            with kopf_runner_as(operator, namespace, paths=(HANDLERS,), watch_namespaces=watch,
-                                registry=fresh_registry()) as runner:
+            with kopf_runner_as(
+                operator, namespace, paths=(HANDLERS,), watch_namespaces=watch, registry=fresh_registry()
+            ) as runner:
                 cluster.apply(endpoint_manifest(namespace))
-                rs = cluster.wait_until(lambda: cluster.custom.get_namespaced_custom_object(
-                    "ray.io", "v1", namespace, "rayservices", "qwen-small"), timeout=90,
-                    message=lambda: f"RayService qwen-small; operator denials: {denials.lines}")
-                cluster.wait_until(lambda: cluster.core.read_namespaced_service(
-                    "qwen-small-serve", namespace), timeout=60,
-                    message="Service qwen-small-serve")
+                rs = cluster.wait_until(
+                    lambda: cluster.custom.get_namespaced_custom_object(
+                        "ray.io", "v1", namespace, "rayservices", "qwen-small"
+                    ),
+                    timeout=90,
+                    message=lambda: f"RayService qwen-small; operator denials: {denials.lines}",
+                )
+                cluster.wait_until(
+                    lambda: cluster.core.read_namespaced_service("qwen-small-serve", namespace),
+                    timeout=60,
+                    message="Service qwen-small-serve",
+                )
 
                 def observed() -> bool:
                     ep = cluster.custom.get_namespaced_custom_object(
-                        "llmep.io", "v1alpha1", namespace, "llmendpoints", "qwen-small")
+                        "llmep.io", "v1alpha1", namespace, "llmendpoints", "qwen-small"
+                    )
                     status = ep.get("status") or {}
                     return status.get("observedGeneration") == ep["metadata"]["generation"]
 
-                cluster.wait_until(observed, timeout=90, message=lambda: (
-                    f"status.observedGeneration of qwen-small; denials: {denials.lines}"))
+                cluster.wait_until(
+                    observed,
+                    timeout=90,
+                    message=lambda: f"status.observedGeneration of qwen-small; denials: {denials.lines}",
+                )
                 # Deleted while the operator runs, so kopf can release its finalizer.
                 delete_endpoint(cluster, namespace, "qwen-small")
         finally:
@@ -211,11 +253,9 @@ def test_install_runs_both_deployments_and_the_operator_reconciles_with_chart_rb
         assert denials.lines == []
 
 
-def test_notes_give_the_base_url_and_the_gateway_reads_secrets_only_in_its_namespace(
-        cluster, namespace):
+def test_notes_give_the_base_url_and_the_gateway_reads_secrets_only_in_its_namespace(cluster, namespace):
     with installed(cluster, namespace) as release:
-        notes = helm("get", "notes", release, "--namespace", namespace,
-                     kubeconfig=cluster.kubeconfig).stdout
+        notes = helm("get", "notes", release, "--namespace", namespace, kubeconfig=cluster.kubeconfig).stdout
         assert f"http://llmep-gateway.{namespace}.svc/v1" in notes
         assert "llmep.io/api-key" in notes and "curl" in notes
         api = cluster.client_as("llmep-gateway", namespace)
@@ -231,9 +271,10 @@ def test_notes_give_the_base_url_and_the_gateway_reads_secrets_only_in_its_names
 
         cluster.wait_until(
             lambda: status(lambda: core.list_namespaced_secret(namespace)) == 200,
-            timeout=30, message="the gateway's RoleBinding to let it list its Secrets")
-        assert status(lambda: custom.list_cluster_custom_object(
-            "llmep.io", "v1alpha1", "llmendpoints")) == 200
+            timeout=30,
+            message="the gateway's RoleBinding to let it list its Secrets",
+        )
+        assert status(lambda: custom.list_cluster_custom_object("llmep.io", "v1alpha1", "llmendpoints")) == 200
         assert status(lambda: core.list_namespaced_secret("default")) == 403
         assert status(lambda: core.list_secret_for_all_namespaces()) == 403
         assert status(lambda: core.list_namespaced_pod(namespace)) == 403
@@ -246,16 +287,28 @@ def test_upgrade_with_a_changed_crd_updates_it_in_the_api_server(cluster, namesp
     text = crd_template.read_text()
     original = "description: LLMEndpoint serves one open model"
     assert original in text
-    crd_template.write_text(text.replace(
-        original, "description: UPGRADED-BY-TEST LLMEndpoint serves one open model", 1))
+    crd_template.write_text(
+        text.replace(original, "description: UPGRADED-BY-TEST LLMEndpoint serves one open model", 1)
+    )
 
     with installed(cluster, namespace) as release:
+
         def description() -> str:
             return read_crd(cluster).spec.versions[0].schema.open_apiv3_schema.description
 
         assert not description().startswith("UPGRADED-BY-TEST")
-        helm("upgrade", release, str(changed), "--namespace", namespace, "--wait",
-             "--timeout", "180s", *sets(FAKE_IMAGE), kubeconfig=cluster.kubeconfig)
+        helm(
+            "upgrade",
+            release,
+            str(changed),
+            "--namespace",
+            namespace,
+            "--wait",
+            "--timeout",
+            "180s",
+            *sets(FAKE_IMAGE),
+            kubeconfig=cluster.kubeconfig,
+        )
 
         assert description().startswith("UPGRADED-BY-TEST")
         assert deployment_available(cluster, namespace, f"{release}-operator", 2)
@@ -263,14 +316,14 @@ def test_upgrade_with_a_changed_crd_updates_it_in_the_api_server(cluster, namesp
 
 NAMESPACED_KINDS = {
     "Deployment": lambda c, ns, sel: c.apps.list_namespaced_deployment(ns, label_selector=sel),
-    "ServiceAccount": lambda c, ns, sel: c.core.list_namespaced_service_account(
-        ns, label_selector=sel),
+    "ServiceAccount": lambda c, ns, sel: c.core.list_namespaced_service_account(ns, label_selector=sel),
     "ConfigMap": lambda c, ns, sel: c.core.list_namespaced_config_map(ns, label_selector=sel),
     "Service": lambda c, ns, sel: c.core.list_namespaced_service(ns, label_selector=sel),
     "Role": lambda c, ns, sel: c.rbac.list_namespaced_role(ns, label_selector=sel),
     "RoleBinding": lambda c, ns, sel: c.rbac.list_namespaced_role_binding(ns, label_selector=sel),
-    "PodDisruptionBudget": lambda c, ns, sel: k8s.PolicyV1Api(
-        c.api).list_namespaced_pod_disruption_budget(ns, label_selector=sel),
+    "PodDisruptionBudget": lambda c, ns, sel: k8s.PolicyV1Api(c.api).list_namespaced_pod_disruption_budget(
+        ns, label_selector=sel
+    ),
 }
 CLUSTER_KINDS = {
     "ClusterRole": lambda c, sel: c.rbac.list_cluster_role(label_selector=sel),
@@ -280,47 +333,63 @@ CLUSTER_KINDS = {
 
 def release_objects(cluster, namespace: str, release: str) -> dict[str, list[str]]:
     selector = f"{INSTANCE}={release}"
-    found = {kind: [o.metadata.name for o in list_(cluster, namespace, selector).items]
-             for kind, list_ in NAMESPACED_KINDS.items()}
-    found |= {kind: [o.metadata.name for o in list_(cluster, selector).items]
-              for kind, list_ in CLUSTER_KINDS.items()}
+    found = {
+        kind: [o.metadata.name for o in list_(cluster, namespace, selector).items]
+        for kind, list_ in NAMESPACED_KINDS.items()
+    }
+    found |= {kind: [o.metadata.name for o in list_(cluster, selector).items] for kind, list_ in CLUSTER_KINDS.items()}
     return {kind: names for kind, names in found.items() if names}
 
 
 def test_uninstall_removes_everything_the_release_installed(cluster, namespace):
-    rendered = template(release=release_name(namespace), namespace=namespace, sets=FAKE_IMAGE,
-                        chart=CHART)
+    rendered = template(release=release_name(namespace), namespace=namespace, sets=FAKE_IMAGE, chart=CHART)
     expected_kinds = {d["kind"] for d in rendered} - {"CustomResourceDefinition"}
     with installed(cluster, namespace) as release:
         before = release_objects(cluster, namespace, release)
         assert set(before) == expected_kinds, before
-        helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s",
-             kubeconfig=cluster.kubeconfig)
+        helm(
+            "uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s", kubeconfig=cluster.kubeconfig
+        )
 
         assert release_objects(cluster, namespace, release) == {}
         crd = read_crd(cluster)
         assert crd is None or crd.metadata.deletion_timestamp is not None
-        assert helm("status", release, "--namespace", namespace, kubeconfig=cluster.kubeconfig,
-                    check=False).returncode != 0
+        assert (
+            helm("status", release, "--namespace", namespace, kubeconfig=cluster.kubeconfig, check=False).returncode
+            != 0
+        )
 
 
 # (verb, resource, subresource) the operator performs in every watched namespace.
 OPERATOR_NAMESPACED = [
-    ("get", "llmendpoints.llmep.io", ""), ("list", "llmendpoints.llmep.io", ""),
-    ("watch", "llmendpoints.llmep.io", ""), ("patch", "llmendpoints.llmep.io", ""),
-    ("patch", "llmendpoints.llmep.io", "status"), ("update", "llmendpoints.llmep.io", "finalizers"),
-    ("create", "rayservices.ray.io", ""), ("patch", "rayservices.ray.io", ""),
-    ("watch", "rayservices.ray.io", ""), ("create", "services", ""), ("patch", "services", ""),
-    ("watch", "services", ""), ("create", "persistentvolumeclaims", ""),
-    ("patch", "persistentvolumeclaims", ""), ("list", "pods", ""), ("watch", "pods", ""),
-    ("create", "events", ""), ("create", "events.events.k8s.io", ""),
+    ("get", "llmendpoints.llmep.io", ""),
+    ("list", "llmendpoints.llmep.io", ""),
+    ("watch", "llmendpoints.llmep.io", ""),
+    ("patch", "llmendpoints.llmep.io", ""),
+    ("patch", "llmendpoints.llmep.io", "status"),
+    ("update", "llmendpoints.llmep.io", "finalizers"),
+    ("create", "rayservices.ray.io", ""),
+    ("patch", "rayservices.ray.io", ""),
+    ("watch", "rayservices.ray.io", ""),
+    ("create", "services", ""),
+    ("patch", "services", ""),
+    ("watch", "services", ""),
+    ("create", "persistentvolumeclaims", ""),
+    ("patch", "persistentvolumeclaims", ""),
+    ("list", "pods", ""),
+    ("watch", "pods", ""),
+    ("create", "events", ""),
+    ("create", "events.events.k8s.io", ""),
 ]
-OPERATOR_DENIED = [("list", "secrets", ""), ("delete", "rayservices.ray.io", ""),
-                   ("create", "pods", ""), ("update", "llmendpoints.llmep.io", "")]
+OPERATOR_DENIED = [
+    ("list", "secrets", ""),
+    ("delete", "rayservices.ray.io", ""),
+    ("create", "pods", ""),
+    ("update", "llmendpoints.llmep.io", ""),
+]
 
 
-def can_i(cluster, account: str, namespace: str, verb: str, resource: str, sub: str,
-          in_namespace: str | None) -> bool:
+def can_i(cluster, account: str, namespace: str, verb: str, resource: str, sub: str, in_namespace: str | None) -> bool:
     args = ["auth", "can-i", verb, resource, f"--as=system:serviceaccount:{namespace}:{account}"]
     args += [f"--subresource={sub}"] if sub else []
     args += [f"--namespace={in_namespace}"] if in_namespace else ["--all-namespaces"]
@@ -328,8 +397,7 @@ def can_i(cluster, account: str, namespace: str, verb: str, resource: str, sub: 
 
 
 @pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
-def test_operator_account_may_do_what_the_operator_does_and_nothing_more(
-        cluster, namespace, mode):
+def test_operator_account_may_do_what_the_operator_does_and_nothing_more(cluster, namespace, mode):
     namespaced = mode == "namespaced"
     values = {"watchNamespaces": f"{{{namespace}}}"} if namespaced else {}
     with installed(cluster, namespace, values) as release:
@@ -339,8 +407,11 @@ def test_operator_account_may_do_what_the_operator_does_and_nothing_more(
         def allowed(verb: str, resource: str, sub: str = "", where: str | None = scope) -> bool:
             return can_i(cluster, account, namespace, verb, resource, sub, where)
 
-        cluster.wait_until(lambda: allowed("list", "llmendpoints.llmep.io"), timeout=30,
-                           message="the operator's bindings to take effect")
+        cluster.wait_until(
+            lambda: allowed("list", "llmendpoints.llmep.io"),
+            timeout=30,
+            message="the operator's bindings to take effect",
+        )
         missing = [r for r in OPERATOR_NAMESPACED if not allowed(*r)]
         extra = [r for r in OPERATOR_DENIED if allowed(*r)]
         assert (missing, extra) == ([], [])
@@ -355,15 +426,20 @@ def test_operator_account_may_do_what_the_operator_does_and_nothing_more(
 def test_server_side_apply_that_creates_a_child_is_allowed_to_the_operator(cluster, namespace):
     with installed(cluster, namespace) as release:
         api = cluster.client_as(f"{release}-operator", namespace)
-        service = {"apiVersion": "v1", "kind": "Service",
-                   "metadata": {"name": "ssa-probe-serve", "namespace": namespace},
-                   "spec": {"ports": [{"name": "http", "port": 8000}]}}
+        service = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "ssa-probe-serve", "namespace": namespace},
+            "spec": {"ports": [{"name": "http", "port": 8000}]},
+        }
         request = api.param_serialize(
-            "PATCH", f"/api/v1/namespaces/{namespace}/services/ssa-probe-serve",
+            "PATCH",
+            f"/api/v1/namespaces/{namespace}/services/ssa-probe-serve",
             query_params=[("fieldManager", "llmep-operator"), ("force", "true")],
-            header_params={"Content-Type": "application/apply-patch+yaml",
-                           "Accept": "application/json"},
-            body=service, auth_settings=["BearerToken"])
+            header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"},
+            body=service,
+            auth_settings=["BearerToken"],
+        )
         response = api.call_api(*request)
         response.read()
         assert response.status == 201, response.data

@@ -44,8 +44,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     reason = docker_unavailable()
     if reason is None:
         return
-    skip = pytest.mark.skip(reason=f"e2e tier needs a Docker engine for kind ({reason}); "
-                                   "it is not run in CI here, see docs/install.md")
+    skip = pytest.mark.skip(
+        reason=f"e2e tier needs a Docker engine for kind ({reason}); it is not run in CI here, see docs/install.md"
+    )
     for item in items:
         if Path(str(item.fspath)).resolve().is_relative_to(Path(__file__).parent):
             item.add_marker(skip)

@@ -38,37 +38,63 @@ def kuberay_version() -> str:
 
 
 def docker_build(dockerfile: str, tag: str) -> None:
-    subprocess.run(["docker", "build", "-f", str(REPO / dockerfile), "-t", tag, str(REPO)],
-                   check=True, timeout=3000)
+    subprocess.run(["docker", "build", "-f", str(REPO / dockerfile), "-t", tag, str(REPO)], check=True, timeout=3000)
 
 
 @pytest.fixture(scope="module")
 def llmep_installed(kind_cluster) -> object:
     kubeconfig = Path(kind_cluster.kubeconfig_path)
-    for dockerfile, tag in (("images/llmep/Dockerfile", LLMEP_IMAGE),
-                            ("images/serving-cpu/Dockerfile", SERVING_IMAGE)):
+    for dockerfile, tag in (("images/llmep/Dockerfile", LLMEP_IMAGE), ("images/serving-cpu/Dockerfile", SERVING_IMAGE)):
         docker_build(dockerfile, tag)
         kind_cluster.load_docker_image(tag)
-    helm("install", "kuberay-operator", "kuberay-operator", "--repo", KUBERAY_CHARTS,
-         "--version", kuberay_version(), "--namespace", "kuberay-system", "--create-namespace",
-         "--wait", "--timeout", "300s", kubeconfig=kubeconfig, timeout=600)
-    helm("install", "llmep", str(CHART), "--namespace", NAMESPACE, "--create-namespace",
-         "-f", str(CHART / "ci" / "values-kind.yaml"), "--wait", "--timeout", "300s",
-         kubeconfig=kubeconfig, timeout=600)
+    helm(
+        "install",
+        "kuberay-operator",
+        "kuberay-operator",
+        "--repo",
+        KUBERAY_CHARTS,
+        "--version",
+        kuberay_version(),
+        "--namespace",
+        "kuberay-system",
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "300s",
+        kubeconfig=kubeconfig,
+        timeout=600,
+    )
+    helm(
+        "install",
+        "llmep",
+        str(CHART),
+        "--namespace",
+        NAMESPACE,
+        "--create-namespace",
+        "-f",
+        str(CHART / "ci" / "values-kind.yaml"),
+        "--wait",
+        "--timeout",
+        "300s",
+        kubeconfig=kubeconfig,
+        timeout=600,
+    )
     secret = {
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "e2e-key", "namespace": NAMESPACE,
-                     "labels": {"llmep.io/api-key": "true"}},
-        "data": {"sha256": base64.b64encode(
-            hashlib.sha256(API_KEY.encode()).hexdigest().encode()).decode()},
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "e2e-key", "namespace": NAMESPACE, "labels": {"llmep.io/api-key": "true"}},
+        "data": {"sha256": base64.b64encode(hashlib.sha256(API_KEY.encode()).hexdigest().encode()).decode()},
     }
     endpoint = {
-        "apiVersion": "llmep.io/v1alpha1", "kind": "LLMEndpoint",
+        "apiVersion": "llmep.io/v1alpha1",
+        "kind": "LLMEndpoint",
         "metadata": {"name": MODEL, "namespace": APP_NAMESPACE},
-        "spec": {"model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct", "servedName": MODEL},
-                 "engine": {"maxModelLen": 512},
-                 "resources": {"profile": "cpu"},
-                 "autoscaling": {"minReplicas": 1, "maxReplicas": 1}},
+        "spec": {
+            "model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct", "servedName": MODEL},
+            "engine": {"maxModelLen": 512},
+            "resources": {"profile": "cpu"},
+            "autoscaling": {"minReplicas": 1, "maxReplicas": 1},
+        },
     }
     manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": [secret, endpoint]})
     kind_cluster.kubectl("apply", "-f", "-", input=manifest)
@@ -79,8 +105,7 @@ def wait_ready(kind_cluster, timeout: float = 1800) -> dict:
     deadline = time.monotonic() + timeout
     status: dict = {}
     while time.monotonic() < deadline:
-        obj = json.loads(kind_cluster.kubectl(
-            "get", "llmendpoint", MODEL, "-n", APP_NAMESPACE, "-o", "json"))
+        obj = json.loads(kind_cluster.kubectl("get", "llmendpoint", MODEL, "-n", APP_NAMESPACE, "-o", "json"))
         status = obj.get("status") or {}
         ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
         if ready.get("status") == "True":
@@ -98,11 +123,12 @@ def test_gateway_answers_the_openai_sdk_for_an_endpoint_on_vllm_cpu(llmep_instal
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, timeout=300)
         assert MODEL in [m.id for m in client.models.list()]
         reply = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8)
+            model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
+        )
         assert reply.choices[0].message.content
         stream = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Count to three."}],
-            max_tokens=8, stream=True)
+            model=MODEL, messages=[{"role": "user", "content": "Count to three."}], max_tokens=8, stream=True
+        )
         assert sum(1 for chunk in stream if chunk.choices) >= 1
         wrong = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-wrong")
         with pytest.raises(AuthenticationError):

@@ -29,8 +29,7 @@ def values_of(values_file: Path | None) -> dict:
     return yaml.safe_load(values_file.read_text()) if values_file else {}
 
 
-def operator_settings_from(objects: list[dict], tmp_path: Path,
-                           monkeypatch: pytest.MonkeyPatch) -> OperatorSettings:
+def operator_settings_from(objects: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> OperatorSettings:
     config = by_kind(objects, "ConfigMap")["llmep-operator-config"]
     path = tmp_path / "config.yaml"
     path.write_text(config["data"]["config.yaml"])
@@ -43,22 +42,25 @@ def operator_settings_from(objects: list[dict], tmp_path: Path,
 def render_error(*sets: str) -> str:
     """stderr of a `helm template` with these --set values, which must fail."""
     args = [a for value in sets for a in ("--set", value)]
-    proc = helm("template", "llmep", str(CHART), "--kube-version", kube_version(), *args,
-                check=False)
+    proc = helm("template", "llmep", str(CHART), "--kube-version", kube_version(), *args, check=False)
     assert proc.returncode != 0, f"helm template {args} succeeded"
     return proc.stderr
 
 
 def test_shipped_values_files_exist():
     assert {p.name for p in CHART_VALUES_FILES} >= {
-        "values-kind.yaml", "values-namespaced.yaml", "values-monitoring.yaml"}
+        "values-kind.yaml",
+        "values-namespaced.yaml",
+        "values-monitoring.yaml",
+    }
 
 
 @pytest.mark.parametrize("values_file", VALUES, ids=IDS)
 def test_helm_lint_passes(values_file):
     args = ["-f", str(values_file)] if values_file else []
-    out = helm("lint", "--strict", str(CHART), "--namespace", "llmep-system",
-               "--kube-version", kube_version(), *args).stdout
+    out = helm(
+        "lint", "--strict", str(CHART), "--namespace", "llmep-system", "--kube-version", kube_version(), *args
+    ).stdout
     assert "0 chart(s) failed" in out, out
 
 
@@ -77,8 +79,7 @@ def test_rendered_settings_load_into_operator_settings(values_file, tmp_path, mo
     h100 = settings.profiles["nvidia-h100"]
     assert h100.node_selector == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert [(t.key, t.effect) for t in h100.tolerations] == [("nvidia.com/gpu", "NoSchedule")]
-    assert settings.profiles["gke-l4"].node_selector == {
-        "cloud.google.com/gke-accelerator": "nvidia-l4"}
+    assert settings.profiles["gke-l4"].node_selector == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
     cpu = settings.profiles["cpu"]
     assert cpu.is_cpu
     assert cpu.engine_defaults.items() >= {"dtype": "float32", "distributed_executor_backend": "mp"}.items()
@@ -120,8 +121,7 @@ def test_rendered_gateway_env_loads_into_gateway_settings(values_file, monkeypat
     settings = GatewaySettings()
 
     assert container["args"] == ["gateway"]
-    assert container["ports"] == [{"name": "http", "containerPort": settings.port,
-                                   "protocol": "TCP"}]
+    assert container["ports"] == [{"name": "http", "containerPort": settings.port, "protocol": "TCP"}]
     assert settings.namespace == "llmep-system"
     namespaces = values_of(values_file).get("watchNamespaces")
     assert settings.watch_namespaces == (namespaces or ["*"])
@@ -131,8 +131,7 @@ def test_gateway_service_is_llmep_gateway_port_80_to_the_gateways_port():
     objects = template(release="my-release")
     service = by_kind(objects, "Service")["llmep-gateway"]
     assert service["metadata"]["namespace"] == "llmep-system"
-    assert service["spec"]["ports"] == [
-        {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
     assert GatewaySettings.model_fields["port"].default == 8080
     deployment = by_kind(objects, "Deployment")["llmep-gateway"]
     assert deployment["spec"]["replicas"] == 2
@@ -170,14 +169,13 @@ def test_cluster_wide_mode_uses_cluster_roles_and_a_namespaced_secrets_role():
     objects = template()
     cluster_roles = by_kind(objects, "ClusterRole")
     roles = by_kind(objects, "Role")
-    endpoint_readers = [n for n, r in cluster_roles.items()
-                        if any("llmendpoints" in rule["resources"] for rule in r["rules"])]
-    assert sorted(endpoint_readers) == ["llmep-gateway-endpoints-llmep-system",
-                                        "llmep-operator-llmep-system"]
+    endpoint_readers = [
+        n for n, r in cluster_roles.items() if any("llmendpoints" in rule["resources"] for rule in r["rules"])
+    ]
+    assert sorted(endpoint_readers) == ["llmep-gateway-endpoints-llmep-system", "llmep-operator-llmep-system"]
     keys = roles["llmep-gateway-keys"]
     assert keys["metadata"]["namespace"] == "llmep-system"
-    assert keys["rules"] == [{"apiGroups": [""], "resources": ["secrets"],
-                              "verbs": ["get", "list", "watch"]}]
+    assert keys["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]}]
     lease = roles["llmep-operator-leader-election"]
     assert lease["metadata"]["namespace"] == "llmep-system"
 
@@ -185,18 +183,17 @@ def test_cluster_wide_mode_uses_cluster_roles_and_a_namespaced_secrets_role():
 def test_namespaced_mode_has_one_role_per_watched_namespace_and_no_cluster_wide_endpoint_rights():
     objects = template(CHART / "ci" / "values-namespaced.yaml")
     roles = [o for o in objects if o["kind"] == "Role"]
-    operator_roles = {r["metadata"]["namespace"] for r in roles
-                      if r["metadata"]["name"] == "llmep-operator"}
-    gateway_roles = {r["metadata"]["namespace"] for r in roles
-                     if r["metadata"]["name"] == "llmep-gateway-endpoints"}
+    operator_roles = {r["metadata"]["namespace"] for r in roles if r["metadata"]["name"] == "llmep-operator"}
+    gateway_roles = {r["metadata"]["namespace"] for r in roles if r["metadata"]["name"] == "llmep-gateway-endpoints"}
     assert operator_roles == gateway_roles == {"team-a", "team-b"}
     for cluster_role in by_kind(objects, "ClusterRole").values():
         resources = {res for rule in cluster_role["rules"] for res in rule["resources"]}
         assert resources <= {"customresourcedefinitions", "namespaces"}, cluster_role
-    bindings = [o for o in objects if o["kind"] == "RoleBinding"
-                and o["metadata"]["name"] == "llmep-operator"]
-    assert all(b["subjects"] == [{"kind": "ServiceAccount", "name": "llmep-operator",
-                                  "namespace": "llmep-system"}] for b in bindings)
+    bindings = [o for o in objects if o["kind"] == "RoleBinding" and o["metadata"]["name"] == "llmep-operator"]
+    assert all(
+        b["subjects"] == [{"kind": "ServiceAccount", "name": "llmep-operator", "namespace": "llmep-system"}]
+        for b in bindings
+    )
 
 
 def test_monitoring_values_render_monitors_dashboard_policies_and_routes():
@@ -204,16 +201,20 @@ def test_monitoring_values_render_monitors_dashboard_policies_and_routes():
     kinds = {o["kind"] for o in objects}
     assert {"ServiceMonitor", "PodMonitor", "NetworkPolicy", "Ingress", "HTTPRoute"} <= kinds
     pod_monitor = next(o for o in objects if o["kind"] == "PodMonitor")
-    assert pod_monitor["spec"]["selector"] == {
-        "matchExpressions": [{"key": "llmep.io/endpoint", "operator": "Exists"}]}
+    assert pod_monitor["spec"]["selector"] == {"matchExpressions": [{"key": "llmep.io/endpoint", "operator": "Exists"}]}
     dashboard = by_kind(objects, "ConfigMap")["llmep-dashboard"]
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     board = json.loads(dashboard["data"]["llmep-overview.json"])
     exprs = " ".join(t["expr"] for p in board["panels"] for t in p["targets"])
-    for metric in ("llmep_gateway_request_duration_seconds", "llmep_gateway_time_to_first_token",
-                   "llmep_gateway_requests_in_flight", "llmep_gateway_requests_held",
-                   "llmep_gateway_completion_tokens_total", "vllm:num_requests_running",
-                   "vllm:num_requests_waiting"):
+    for metric in (
+        "llmep_gateway_request_duration_seconds",
+        "llmep_gateway_time_to_first_token",
+        "llmep_gateway_requests_in_flight",
+        "llmep_gateway_requests_held",
+        "llmep_gateway_completion_tokens_total",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+    ):
         assert metric in exprs, metric
 
 

@@ -43,8 +43,7 @@ def test_operator_rendered_children_pass_the_policy(path):
 
 @pytest.fixture
 def gateway_deployment() -> dict:
-    return next(o for o in template() if o["kind"] == "Deployment"
-                and o["metadata"]["name"] == "llmep-gateway")
+    return next(o for o in template() if o["kind"] == "Deployment" and o["metadata"]["name"] == "llmep-gateway")
 
 
 def rules_of(deployment: dict) -> set[str]:
@@ -60,19 +59,25 @@ def test_policy_reports_a_container_without_run_as_non_root(gateway_deployment):
     assert rules_of(broken) == {"runAsNonRoot must be true"}
 
 
-@pytest.mark.parametrize(("mutate", "rule"), [
-    (lambda sc, pod: sc.update(readOnlyRootFilesystem=False),
-     "readOnlyRootFilesystem must be true"),
-    (lambda sc, pod: sc.pop("allowPrivilegeEscalation"), "allowPrivilegeEscalation must be false"),
-    (lambda sc, pod: sc.update(privileged=True), "privileged must not be true"),
-    (lambda sc, pod: sc.update(capabilities={"drop": ["NET_RAW"]}), "capabilities must drop ALL"),
-    (lambda sc, pod: sc.update(runAsUser=0), "runAsUser must not be 0"),
-    (lambda sc, pod: (sc.pop("seccompProfile"), pod["securityContext"].pop("seccompProfile")),
-     "seccompProfile must be RuntimeDefault, is None"),
-    (lambda sc, pod: pod.update(hostNetwork=True), "hostNetwork must not be true"),
-    (lambda sc, pod: pod["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
-     "hostPath volumes are not allowed"),
-])
+@pytest.mark.parametrize(
+    ("mutate", "rule"),
+    [
+        (lambda sc, pod: sc.update(readOnlyRootFilesystem=False), "readOnlyRootFilesystem must be true"),
+        (lambda sc, pod: sc.pop("allowPrivilegeEscalation"), "allowPrivilegeEscalation must be false"),
+        (lambda sc, pod: sc.update(privileged=True), "privileged must not be true"),
+        (lambda sc, pod: sc.update(capabilities={"drop": ["NET_RAW"]}), "capabilities must drop ALL"),
+        (lambda sc, pod: sc.update(runAsUser=0), "runAsUser must not be 0"),
+        (
+            lambda sc, pod: (sc.pop("seccompProfile"), pod["securityContext"].pop("seccompProfile")),
+            "seccompProfile must be RuntimeDefault, is None",
+        ),
+        (lambda sc, pod: pod.update(hostNetwork=True), "hostNetwork must not be true"),
+        (
+            lambda sc, pod: pod["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
+            "hostPath volumes are not allowed",
+        ),
+    ],
+)
 def test_policy_reports_each_broken_pod_rule(gateway_deployment, mutate, rule):
     broken = copy.deepcopy(gateway_deployment)
     pod = broken["spec"]["template"]["spec"]
@@ -88,19 +93,19 @@ def test_policy_reports_a_broken_operator_worker_group():
     worker["containers"][0]["securityContext"]["capabilities"] = {"add": ["SYS_ADMIN"]}
 
     violations = check([rayservice])
-    assert {v.rule for v in violations} == {"capabilities must drop ALL",
-                                             "capabilities must add nothing, adds ['SYS_ADMIN']"}
+    assert {v.rule for v in violations} == {
+        "capabilities must drop ALL",
+        "capabilities must add nothing, adds ['SYS_ADMIN']",
+    }
     assert all(v.where.startswith("spec.rayClusterConfig.workerGroupSpecs[0]") for v in violations)
 
 
 def role(kind: str, rules: list[dict]) -> dict:
-    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind,
-            "metadata": {"name": "r"}, "rules": rules}
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind, "metadata": {"name": "r"}, "rules": rules}
 
 
 def test_policy_reports_a_cluster_role_that_lists_secrets():
-    violations = check([role("ClusterRole", [
-        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["list"]}])])
+    violations = check([role("ClusterRole", [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["list"]}])])
     assert [v.rule for v in violations] == ["a ClusterRole must not ['list'] secrets"]
 
 
@@ -119,6 +124,9 @@ def test_policy_reports_wildcards(field):
 
 
 def test_policy_reports_a_binding_to_cluster_admin():
-    binding = {"kind": "ClusterRoleBinding", "metadata": {"name": "b"},
-               "roleRef": {"kind": "ClusterRole", "name": "cluster-admin"}}
+    binding = {
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": "b"},
+        "roleRef": {"kind": "ClusterRole", "name": "cluster-admin"},
+    }
     assert [v.rule for v in check([binding])] == ["no binding to cluster-admin"]
