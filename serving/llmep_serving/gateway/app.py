@@ -102,6 +102,7 @@ class Gateway:
         self._last_wake: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._urls: dict[tuple[str, str], URL] = {}
+        self._next_replica: dict[str, int] = {}  # route key -> next replica, round-robin
 
     async def start(self) -> None:
         s = self.settings
@@ -289,8 +290,9 @@ class Gateway:
         return url
 
     async def _send(
-        self, url: URL, body: bytes, headers: dict[str, str], model: str
+        self, url: URL, body: bytes, headers: dict[str, str], model: str, more: bool
     ) -> aiohttp.ClientResponse:
+        """POST to one backend; with ``more`` replicas left, an unreachable one raises _Unreachable."""
         assert self.session is not None
         for attempt in (1, 2):
             try:
@@ -302,7 +304,10 @@ class Gateway:
             except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
                 # Connect failures never reached the backend; a reset or disconnect before any
                 # answer is almost always a pooled connection the backend had just closed.
-                # Retry once, on a fresh connection.
+                # Retry once, on a fresh connection, or at once on another replica if refused.
+                refused = isinstance(exc, aiohttp.ClientConnectorError)
+                if more and (attempt == 2 or refused):
+                    raise _Unreachable(exc) from None
                 if attempt == 2:
                     log.warning("backend for %s unreachable: %s %s", model, type(exc).__name__, exc)
                     raise errors.backend_unavailable(model) from None
@@ -310,6 +315,15 @@ class Gateway:
                 log.warning("backend for %s failed: %s", model, type(exc).__name__)
                 raise errors.backend_unavailable(model) from None
         raise AssertionError("unreachable")
+
+    def _replicas(self, route: Route) -> tuple[str, ...]:
+        """The route's base URLs, starting at the next one round-robin."""
+        bases = route.bases or ((route.base,) if route.base else ())
+        if len(bases) < 2:
+            return bases
+        start = self._next_replica.get(route.key, 0) % len(bases)
+        self._next_replica[route.key] = start + 1
+        return bases[start:] + bases[:start]
 
     async def _proxy(
         self,
@@ -321,7 +335,7 @@ class Gateway:
         sse: web.StreamResponse | None,
     ) -> web.StreamResponse:
         assert route.base is not None
-        url = self._url(route.base, request.raw_path)
+        replicas = self._replicas(route)
         in_headers = request.headers
         headers = {
             **BACKEND_HEADERS,
@@ -333,7 +347,13 @@ class Gateway:
                 headers[name] = value
         mm.in_flight += 1
         try:
-            resp = await self._send(url, body, headers, route.model)
+            for index, base in enumerate(replicas):
+                url = self._url(base, request.raw_path)
+                try:
+                    resp = await self._send(url, body, headers, route.model, index < len(replicas) - 1)
+                    break
+                except _Unreachable as exc:
+                    log.warning("replica %s of %s unreachable (%s); trying the next", base, route.model, exc)
             try:
                 content_type = resp.headers.get("Content-Type", errors.JSON_CONTENT_TYPE)
                 if content_type.startswith("text/event-stream"):
@@ -515,6 +535,13 @@ class Gateway:
             log.info("wake-up request to %s failed: %s", route.model, type(exc).__name__)
         finally:
             self._waking.discard(route.key)
+
+
+class _Unreachable(Exception):
+    """A replica refused or dropped the connection before answering; another one may serve."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(type(exc).__name__)
 
 
 class _StreamError(GatewayError):

@@ -21,6 +21,7 @@ class Backend:
     namespace: str | None = None
     name: str | None = None
     created: float = 0.0  # epoch seconds; orders name collisions, oldest wins
+    extra_urls: tuple[str, ...] = ()  # further replicas of the same model (local mode)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Route:
     created: int
     names: frozenset[str] = field(default_factory=frozenset)  # every id that routes here
     key: str = ""  # identity of the backend, stable across table rebuilds
+    bases: tuple[str, ...] = ()  # every replica's base URL, ``base`` first; chosen round-robin
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ def build_table(backends: Iterable[Backend]) -> RoutingTable:
             created=int(backend.created),
             names=names,
             key=f"{backend.namespace or ''}/{backend.name or served}",
+            bases=tuple(u.rstrip("/") for u in (backend.url, *backend.extra_urls)) if backend.url else (),
         )
         for name in backend.models:
             if name in by_name:
@@ -97,7 +100,10 @@ def build_table(backends: Iterable[Backend]) -> RoutingTable:
 
 
 def parse_routes(data: object) -> list[Backend]:
-    """Local-mode file content: a list of {models: [...], url: ..., ready: bool}."""
+    """Local-mode file content: a list of {models: [...], url: ..., ready: bool}.
+
+    ``url`` may be a list: replicas of the same model, used round-robin.
+    """
     if not isinstance(data, list):
         raise ValueError("routes file must hold a list of {models, url, ready} entries")
     backends = []
@@ -115,13 +121,20 @@ def parse_routes(data: object) -> list[Backend]:
         ):
             raise ValueError(f"routes entry {index}: 'models' must be a non-empty list of names")
         url = entry.get("url")
-        if url is not None and not isinstance(url, str):
-            raise ValueError(f"routes entry {index}: 'url' must be a string")
+        urls = url if isinstance(url, list) else [url] if url is not None else []
+        if not all(isinstance(u, str) and u for u in urls) or (isinstance(url, list) and not url):
+            raise ValueError(f"routes entry {index}: 'url' must be a URL or a non-empty list of URLs")
         ready = entry.get("ready", True)
         if not isinstance(ready, bool):
             raise ValueError(f"routes entry {index}: 'ready' must be true or false")
         backends.append(
-            Backend(models=tuple(models), url=url, ready=ready, created=now + index * 1e-6)
+            Backend(
+                models=tuple(models),
+                url=urls[0] if urls else None,
+                ready=ready,
+                created=now + index * 1e-6,
+                extra_urls=tuple(urls[1:]),
+            )
         )
     return backends
 
