@@ -5,11 +5,13 @@ Run with `kopf run -m llmep_operator.handlers` (or `llmep operator`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 import kopf
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from llmep_operator import naming
 from llmep_operator.api import GROUP, PLURAL, VERSION
@@ -20,6 +22,9 @@ from llmep_operator.settings import OperatorSettings
 
 SETTINGS = OperatorSettings()
 _kube: Kube | None = None
+# The endpoints kopf's watch has seen, latest body each: the drift loop's worklist. A kopf timer
+# would do the same but forces a finalizer, which blocks deletion whenever the operator is down.
+_known: dict[tuple[str, str], dict] = {}
 log = logging.getLogger(__name__)
 
 
@@ -38,7 +43,6 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=naming.KOPF_PREFIX, key="last-handled-configuration"
     )
-    settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 16
@@ -60,11 +64,43 @@ def apply_endpoint(body: kopf.Body, **_: Any) -> None:
     _reconcile(body)
 
 
-@kopf.timer(
-    GROUP, VERSION, PLURAL, interval=SETTINGS.drift_check_seconds, initial_delay=SETTINGS.drift_check_seconds, idle=5
-)
-def correct_drift(body: kopf.Body, **_: Any) -> None:
-    _reconcile(body)
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def track_endpoint(event: dict, body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
+    if event.get("type") == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
+        _known.pop((namespace, name), None)
+    else:
+        _known[(namespace, name)] = dict(body)
+
+
+@kopf.on.startup()
+async def start_drift_loop(memo: kopf.Memo, **_: Any) -> None:
+    memo.drift_loop = asyncio.create_task(_correct_drift_forever())
+
+
+@kopf.on.cleanup()
+async def stop_drift_loop(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("drift_loop")
+    if task:
+        task.cancel()
+
+
+async def _correct_drift_forever() -> None:
+    """Level-based: every period, re-apply every known endpoint's children and refresh status."""
+    while True:
+        await asyncio.sleep(SETTINGS.drift_check_seconds)
+        for key, body in list(_known.items()):
+            if key in _known:
+                await asyncio.to_thread(_correct_drift, body)
+
+
+def _correct_drift(body: dict) -> None:
+    meta = body["metadata"]
+    try:
+        reconcile(body, kube(), SETTINGS)
+    except (InvalidSpec, NotYet) as error:
+        log.debug("drift check of %s/%s: %s", meta["namespace"], meta["name"], error)
+    except ApiException as error:  # the next period tries again; nothing is half-applied by SSA
+        log.warning("drift check of %s/%s failed: %s %s", meta["namespace"], meta["name"], error.status, error.reason)
 
 
 @kopf.on.event("ray.io", "v1", "rayservices", labels={naming.ENDPOINT_LABEL: kopf.PRESENT})

@@ -126,6 +126,8 @@ def test_endpoint_becomes_rayservice_with_gpu_workers_on_the_profiles_nodes(clus
             message="status.observedGeneration",
         )
         assert obj["status"]["url"] == f"http://qwen-serve.{namespace}.svc:8000/v1"
+        # No finalizer: deleting an endpoint (or its namespace) never waits for the operator.
+        assert not obj["metadata"].get("finalizers")
         assert obj["status"]["models"] == ["qwen", "chat"]
         assert _condition(obj, "Ready")["status"] == "False"  # no real Ray head answers on fake nodes
         table = cluster.kubectl("get", "llmep", "-n", namespace)
