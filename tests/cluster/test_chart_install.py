@@ -103,8 +103,8 @@ def installed(
 
 
 def release_finalizers(cluster, namespace: str) -> None:
-    """Endpoints left by a failed test keep kopf's finalizer, which no operator will remove
-    once the test's operator is gone; without this the CRD and the namespace never go."""
+    """Safety net: a finalizer left on an endpoint by a failed test (no operator is left to
+    remove it) would keep the CRD and the namespace from ever going."""
     if read_crd(cluster) is None:
         return
     items = cluster.custom.list_namespaced_custom_object("llmep.io", "v1alpha1", namespace, "llmendpoints")["items"]
@@ -243,7 +243,7 @@ def test_install_runs_both_deployments_and_the_operator_reconciles_with_chart_rb
                     timeout=90,
                     message=lambda: f"status.observedGeneration of qwen-small; denials: {denials.lines}",
                 )
-                # Deleted while the operator runs, so kopf can release its finalizer.
+                # Deleted while the operator runs, so any finalizer it set is released.
                 delete_endpoint(cluster, namespace, "qwen-small")
         finally:
             for logger in loggers:
