@@ -47,7 +47,9 @@ LOCAL_CLUSTER = REPO / "hack" / "local-cluster"
 CRD = REPO / "crds" / "llmendpoints.llmep.io.yaml"
 LABEL = "llmep.io/endpoint"
 GROUP, VERSION, PLURAL = "llmep.io", "v1alpha1", "llmendpoints"
-RETRY_RE = re.compile(r"will try again|failed with an exception|failed temporarily|will retry", re.I)
+RETRY_RE = re.compile(
+    r"will try again|failed with an exception|failed temporarily|will retry|drift check of \S+ failed", re.I
+)
 
 
 def cache_root() -> Path:
