@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 import kopf
+import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -26,6 +27,17 @@ _kube: Kube | None = None
 # would do the same but forces a finalizer, which blocks deletion whenever the operator is down.
 _known: dict[tuple[str, str], dict] = {}
 log = logging.getLogger(__name__)
+# Answers that mean the API server is restarting or overloaded: retry soon, without a traceback.
+_TRANSIENT_STATUS = {429, 500, 502, 503, 504}
+
+
+def _transient(error: Exception) -> str | None:
+    """A one-line reason when `error` is the API server being unreachable for now, else None."""
+    if isinstance(error, urllib3.exceptions.HTTPError):  # refused, reset, timed out
+        return f"API server unreachable: {type(error).__name__}"
+    if isinstance(error, ApiException) and error.status in _TRANSIENT_STATUS:
+        return f"API server answered {error.status} {error.reason}"
+    return None
 
 
 def kube() -> Kube:
@@ -55,6 +67,11 @@ def _reconcile(body: kopf.Body) -> None:
         raise kopf.PermanentError(str(error)) from None
     except NotYet as error:
         raise kopf.TemporaryError(str(error), delay=error.delay) from None
+    except (ApiException, urllib3.exceptions.HTTPError) as error:
+        reason = _transient(error)
+        if reason is None:
+            raise
+        raise kopf.TemporaryError(reason, delay=5) from None
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -101,21 +118,37 @@ def _correct_drift(body: dict) -> None:
         log.debug("drift check of %s/%s: %s", meta["namespace"], meta["name"], error)
     except ApiException as error:  # the next period tries again; nothing is half-applied by SSA
         log.warning("drift check of %s/%s failed: %s %s", meta["namespace"], meta["name"], error.status, error.reason)
+    except urllib3.exceptions.HTTPError as error:  # uncaught, it would end the drift loop for good
+        log.warning("drift check of %s/%s failed: %s", meta["namespace"], meta["name"], _transient(error))
 
 
 @kopf.on.event("ray.io", "v1", "rayservices", labels={naming.ENDPOINT_LABEL: kopf.PRESENT})
 @kopf.on.event("", "v1", "services", labels={naming.ENDPOINT_LABEL: kopf.PRESENT})
 def child_changed(event: dict, labels: dict, namespace: str, **_: Any) -> None:
-    if event.get("type") == "DELETED":
-        # A deleted child is re-created now rather than at the next drift check.
-        _resync(namespace, labels[naming.ENDPOINT_LABEL])
-        return
-    refresh_status(kube(), SETTINGS, namespace, labels[naming.ENDPOINT_LABEL])
+    try:
+        if event.get("type") == "DELETED":
+            # A deleted child is re-created now rather than at the next drift check.
+            _resync(namespace, labels[naming.ENDPOINT_LABEL])
+            return
+        refresh_status(kube(), SETTINGS, namespace, labels[naming.ENDPOINT_LABEL])
+    except (ApiException, urllib3.exceptions.HTTPError) as error:
+        _skip_if_transient(error, namespace, labels[naming.ENDPOINT_LABEL])
 
 
 @kopf.on.event("", "v1", "pods", labels={naming.ENDPOINT_LABEL: kopf.PRESENT})
 def pod_changed(labels: dict, namespace: str, **_: Any) -> None:
-    refresh_status(kube(), SETTINGS, namespace, labels[naming.ENDPOINT_LABEL])
+    try:
+        refresh_status(kube(), SETTINGS, namespace, labels[naming.ENDPOINT_LABEL])
+    except (ApiException, urllib3.exceptions.HTTPError) as error:
+        _skip_if_transient(error, namespace, labels[naming.ENDPOINT_LABEL])
+
+
+def _skip_if_transient(error: Exception, namespace: str, name: str) -> None:
+    """Events are not retried; the drift loop catches up once the API server is back."""
+    reason = _transient(error)
+    if reason is None:
+        raise error
+    log.warning("status of %s/%s not refreshed: %s", namespace, name, reason)
 
 
 def _resync(namespace: str, name: str) -> None:

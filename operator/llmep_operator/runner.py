@@ -4,10 +4,13 @@ replicas exactly one reconciles (the others wait, and a leader that loses its le
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.server
 import logging
 import os
 import socket
 import threading
+import urllib.parse
 
 log = logging.getLogger("llmep.operator")
 
@@ -36,6 +39,31 @@ def _elect_leader(lease_name: str, lease_namespace: str, identity: str) -> None:
     log.info("waiting to become leader of %s/%s as %s", lease_namespace, lease_name, identity)
     leading.wait()
     log.info("became leader as %s", identity)
+
+
+@contextlib.contextmanager
+def _liveness_while_waiting(url: str | None):
+    if not url:
+        yield
+        return
+    parsed = urllib.parse.urlsplit(url)
+
+    class Alive(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            self.send_response(200 if self.path == parsed.path else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((parsed.hostname or "0.0.0.0", parsed.port or 80), Alive)  # noqa: S104
+    thread = threading.Thread(target=server.serve_forever, name="standby-liveness", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -76,10 +104,12 @@ def run(args: argparse.Namespace) -> int:
     namespaces = args.namespace or handlers.SETTINGS.namespaces
     if args.leader_elect:
         identity = f"{socket.gethostname()}-{os.getpid()}"
-        _elect_leader(args.lease_name, args.lease_namespace, identity)
+        # A standby is alive while it waits: answer the liveness probe until kopf takes over.
+        with _liveness_while_waiting(args.liveness):
+            _elect_leader(args.lease_name, args.lease_namespace, identity)
     kopf.run(
         standalone=True,  # one reconciler is guaranteed by the Lease, not by kopf peering
-        namespaces=namespaces or None,
+        namespaces=list(namespaces),
         clusterwide=not namespaces,
         liveness_endpoint=args.liveness,
     )

@@ -128,7 +128,7 @@ def judge(obs: Observation) -> Verdict:
         )
     workers = [p for p in obs.pods if _is_worker(p)]
     if workers and all(_pod_ready(p) for p in workers):
-        message = app_message or "GPU workers are up; Ray Serve is loading the model"
+        message = app_message or "workers are up; Ray Serve is loading the model"
         return Verdict(False, Reason.LOADING_MODEL, message, True, Reason.LOADING_MODEL, False, Reason.AS_EXPECTED)
     message = app_message or (
         f"Ray Serve application is {app_status}" if app_status else "waiting for the Ray cluster to start"

@@ -147,6 +147,10 @@ def _stop_on_sigterm(signum: int, frame: object) -> None:
 def run(args: argparse.Namespace) -> int:
     from llmep_serving.local import LocalServe, LocalServeError
 
+    # Ctrl-C and SIGTERM shut down cleanly, even when started in the background (where a
+    # shell leaves SIGINT ignored) and even while the engine is still loading.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         endpoint = parse_endpoint(endpoint_manifest(args))
         settings = OperatorSettings()
@@ -203,7 +207,6 @@ def run(args: argparse.Namespace) -> int:
                 Path(args.ready_file).write_text(
                     yaml.safe_dump({"base_url": base_url, "api_key": api_key, "model": endpoint.served_name})
                 )
-            signal.signal(signal.SIGTERM, _stop_on_sigterm)
             gateway.wait()
             print(f"llmep serve: the gateway exited with status {gateway.returncode}", file=sys.stderr)
             return 1
