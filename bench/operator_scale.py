@@ -214,12 +214,16 @@ class FirstSeen:
         return max(a, b) if a is not None and b is not None else None
 
 
-def create_all(names: list[str], threads: int, create) -> dict[str, tuple[float, float]]:
-    """Create every name with `threads` workers; (call start, call returned) per name."""
+def create_all(names: list[str], threads: int, create, rate: float = 0.0) -> dict[str, tuple[float, float]]:
+    """Create every name with `threads` workers (paced at `rate`/s when > 0); (call start, returned) per name."""
     out: dict[str, tuple[float, float]] = {}
     errors: list[str] = []
+    start = time.monotonic()
+    index = {name: i for i, name in enumerate(names)}
 
     def one(name: str) -> None:
+        if rate > 0:
+            time.sleep(max(0.0, start + index[name] / rate - time.monotonic()))
         for attempt in range(5):
             t0 = time.monotonic()
             try:
@@ -271,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument(
+        "--rate", type=float, default=0.0, help="pace the LLMEndpoint creates at this many per second (0: flat out)"
+    )
     ap.add_argument("--steady-seconds", type=float, default=60.0)
     ap.add_argument("--drift-seconds", type=float, default=30.0)
     ap.add_argument("--reconcile-timeout", type=float, default=900.0)
@@ -345,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             names,
             args.threads,
             lambda n: custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, endpoint_manifest(n)),
+            args.rate,
         )
         create_wall = time.monotonic() - t_first
         log(f"{len(created)} LLMEndpoints created in {create_wall:.1f}s; waiting for their children")
@@ -387,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         n_ok = len(latencies)
         print()
         print(
-            f"operator scale: {args.count} LLMEndpoints, {args.threads} client threads, one namespace; "
+            f"operator scale: {args.count} LLMEndpoints, {args.threads} client threads"
+            f"{f', paced at {args.rate:g}/s' if args.rate else ', flat out'}, one namespace; "
             f"{os.cpu_count()} cores"
         )
         if rig.kuberay_stopped:
