@@ -165,13 +165,16 @@ def run(args: argparse.Namespace) -> int:
         else (args.api_key or os.environ.get("LLMEP_API_KEY") or f"sk-llmep-{secrets.token_urlsafe(24)}")
     )
     backend_port = args.backend_port or _free_port()
+    # Ray counts logical CPUs: each replica holds 2 (its actor and the engine's bundle) and the
+    # ingress one more, whatever the machine has; too few leaves the ingress pending forever.
+    num_cpus = args.num_cpus or max(os.cpu_count() or 2, 2 * endpoint.spec.autoscaling.max_replicas + 2)
     env = {"HF_HUB_OFFLINE": "1"} if endpoint.spec.model.source.startswith("file://") else {}
     gateway = None
     local = None
     with tempfile.TemporaryDirectory(prefix="llmep-serve-") as tmp:
         try:
             local = LocalServe(
-                application, port=backend_port, num_cpus=args.num_cpus, env=env, ready_timeout_s=args.timeout
+                application, port=backend_port, num_cpus=num_cpus, env=env, ready_timeout_s=args.timeout
             )
             print(
                 f"llmep serve: starting {endpoint.served_name} on a local Ray cluster "

@@ -22,6 +22,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.timeout(1800)
 def test_demo_prints_an_answer_through_the_gateway_and_stops_cleanly():
     env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "LLMEP_RIG_NAME")}
     env["LLMEP_RIG_NAME"] = f"demo-{secrets.token_hex(3)}"
