@@ -60,6 +60,13 @@ def parse_request(body: bytes) -> tuple[str, bool]:
     return model, stream
 
 
+def with_model(body: bytes, model: str) -> bytes:
+    """The body with ``model`` replaced: an alias becomes the served name the backend knows."""
+    data = json.loads(body)
+    data["model"] = model
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def complete_events_end(data: bytes) -> int:
     """Length of the prefix of ``data`` that ends on an SSE event boundary."""
     lf = data.rfind(b"\n\n")
@@ -250,6 +257,9 @@ class Gateway:
             if route is None or not key.allows(route.names):
                 raise errors.model_not_found(model)
             label = route.model
+            if model != route.model:
+                # Only requests by alias (or namespace/name) pay for re-serialising the body.
+                body = with_model(body, route.model)
             mm = self.metrics.model(label)
             if not route.ready:
                 route, sse = await self._hold(request, route, model, key, stream, mm)

@@ -51,8 +51,9 @@ async def test_routes_by_served_name_and_alias_to_the_right_backend(
     assert by_name.choices[0].message.content == "from backend-a"
     assert by_alias.choices[0].message.content == "from backend-a"
     assert other.choices[0].message.content == "from backend-b"
-    # The body reaches the backend unchanged, alias included, on the same path.
-    assert [r["model"] for r in a.requests] == ["qwen-7b", "chat-default"]
+    # The backend knows only its served name: an alias is rewritten to it, nothing else changes.
+    assert [r["model"] for r in a.requests] == ["qwen-7b", "qwen-7b"]
+    assert a.requests[1]["messages"] == msgs
     assert a.paths == ["/v1/chat/completions", "/v1/chat/completions"]
     assert "authorization" not in {k.lower() for k in a.headers[0]}
 
