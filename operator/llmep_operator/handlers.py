@@ -145,6 +145,9 @@ def pod_changed(labels: dict, namespace: str, **_: Any) -> None:
 
 def _skip_if_transient(error: Exception, namespace: str, name: str) -> None:
     """Events are not retried; the drift loop catches up once the API server is back."""
+    if isinstance(error, ApiException) and error.status == 404:  # the endpoint went in between
+        log.debug("status of %s/%s not refreshed: the endpoint is gone", namespace, name)
+        return
     reason = _transient(error)
     if reason is None:
         raise error
