@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"autoscale: operator serveConfigV2, profile cpu, tiny model, vLLM CPU build, {os.cpu_count()} cores; "
         f"target {TARGET} ongoing/replica, replicas {MIN_REPLICAS}..{MAX_REPLICAS}, "
-        f"upscale delay {UPSCALE_DELAY_S} s, downscale delay {DOWNSCALE_DELAY_S} s"
+        f"upscale delay {UPSCALE_DELAY_S} s, downscale delay {DOWNSCALE_DELAY_S} s; "
+        f"load average at the end {os.getloadavg()[1]:.1f} (5 min)"
     )
     if args.serve_metric_defaults:
         print("Serve metrics_interval_s / look_back_period_s: Serve's defaults (as rendered by the operator)")

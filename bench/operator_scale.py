@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"operator scale: {args.count} LLMEndpoints, {args.threads} client threads"
             f"{f', paced at {args.rate:g}/s' if args.rate else ', flat out'}, one namespace; "
-            f"{os.cpu_count()} cores"
+            f"{os.cpu_count()} cores; load average at the end {os.getloadavg()[1]:.1f} (5 min)"
         )
         if rig.kuberay_stopped:
             print(
