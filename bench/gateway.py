@@ -27,9 +27,7 @@ import time
 from pathlib import Path
 
 KEY = "sk-bench-0123456789"
-BODY = json.dumps(
-    {"model": "bench", "messages": [{"role": "user", "content": "Say hello in one word."}]}
-).encode()
+BODY = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "Say hello in one word."}]}).encode()
 ANSWER = json.dumps(
     {
         "id": "chatcmpl-bench",
@@ -99,9 +97,7 @@ def run_bare(port: int, backend_port: int) -> None:
     from aiohttp import web
 
     async def serve() -> None:
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
-        )
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
         url = f"http://127.0.0.1:{backend_port}/v1/chat/completions"
 
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
@@ -286,9 +282,7 @@ async def concurrent_streams(t: Target, streams: int, events: int, interval_ms: 
         buf = b""
         seqs: list[int] = []
         try:
-            async with session.post(
-                f"http://127.0.0.1:{t.port}{t.path}", data=raw, headers=headers
-            ) as resp:
+            async with session.post(f"http://127.0.0.1:{t.port}{t.path}", data=raw, headers=headers) as resp:
                 async for chunk in resp.content.iter_any():
                     if chunk.count(b"\n\n") > 1:
                         totals["coalesced_reads"] += 1
@@ -318,11 +312,7 @@ async def concurrent_streams(t: Target, streams: int, events: int, interval_ms: 
 
 
 def pct(values: list[float], p: float) -> float:
-    return (
-        statistics.quantiles(values, n=100, method="inclusive")[int(p) - 1]
-        if p < 100
-        else max(values)
-    )
+    return statistics.quantiles(values, n=100, method="inclusive")[int(p) - 1] if p < 100 else max(values)
 
 
 # -- main ----------------------------------------------------------------------------------
@@ -434,8 +424,7 @@ def main() -> None:
 
         print(f"# load average before: {os.getloadavg()[0]:.2f}; realtime: {REALTIME}", flush=True)
         print(
-            f"# {rounds} interleaved rounds; gateway pinned to CPU {GATEWAY_CPU}; "
-            f"backend + load on CPU {LOAD_CPU}",
+            f"# {rounds} interleaved rounds; gateway pinned to CPU {GATEWAY_CPU}; backend + load on CPU {LOAD_CPU}",
             flush=True,
         )
         throughput: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
@@ -542,10 +531,7 @@ def report(targets, throughput, streams, notes) -> None:
     print(f"{'target':<16}{'p50':>9}{'p99':>9}{'added p50':>11}{'added p99':>11}{'x direct':>10}")
     for t in targets:
         p50, p99 = pct(t.latency, 50) * 1e3, pct(t.latency, 99) * 1e3
-        print(
-            f"{t.name:<16}{p50:>9.3f}{p99:>9.3f}{p50 - d50:>+11.3f}{p99 - d99:>+11.3f}"
-            f"{p50 / d50:>10.2f}"
-        )
+        print(f"{t.name:<16}{p50:>9.3f}{p99:>9.3f}{p50 - d50:>+11.3f}{p99 - d99:>+11.3f}{p50 / d50:>10.2f}")
     print()
     print("time to first token, concurrency 1, streaming (ms)")
     print(f"{'target':<16}{'p50':>9}{'p99':>9}{'added p50':>11}")
@@ -577,14 +563,9 @@ def report(targets, throughput, streams, notes) -> None:
             )
     print()
     print("500 concurrent streams x 20 events, 100 ms apart")
-    print(
-        f"{'target':<16}{'seconds':>9}{'lost':>6}{'merged':>8}{'failed':>8}{'coalesced reads':>17}"
-    )
+    print(f"{'target':<16}{'seconds':>9}{'lost':>6}{'merged':>8}{'failed':>8}{'coalesced reads':>17}")
     for name, r in streams.items():
-        print(
-            f"{name:<16}{r['seconds']:>9.2f}{r['lost']:>6}{r['merged']:>8}{r['failed']:>8}"
-            f"{r['coalesced_reads']:>17}"
-        )
+        print(f"{name:<16}{r['seconds']:>9.2f}{r['lost']:>6}{r['merged']:>8}{r['failed']:>8}{r['coalesced_reads']:>17}")
     for note in notes:
         print(f"note: {note}")
 

@@ -174,9 +174,7 @@ def llmep_application(model_dir: Path, stream_batching_ms: float | None = None) 
     (application,) = build_serve_config(endpoint, OperatorSettings())["applications"]
     if stream_batching_ms is not None:
         (llm_config,) = application["args"]["llm_configs"]
-        llm_config.setdefault("experimental_configs", {})["stream_batching_interval_ms"] = (
-            stream_batching_ms
-        )
+        llm_config.setdefault("experimental_configs", {})["stream_batching_interval_ms"] = stream_batching_ms
     return application
 
 
@@ -218,9 +216,7 @@ def main() -> int:
             )
         )
         print(f"llmep stack ready in {time.monotonic() - t0:.0f}s", flush=True)
-        samples = measure_interleaved(
-            {"bare": bare_url, "llmep": local.base_url}, args.requests, args.tokens
-        )
+        samples = measure_interleaved({"bare": bare_url, "llmep": local.base_url}, args.requests, args.tokens)
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
     bare, llmep = summarize(samples["bare"]), summarize(samples["llmep"])
 
