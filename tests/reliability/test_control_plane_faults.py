@@ -25,6 +25,7 @@ import pytest
 import urllib3
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
+
 from tests.cluster.conftest import LOCAL_CLUSTER, Cluster, _rig_bin_dir, run_kopf_as, wait_until
 from tests.cluster.operator_identity import operator_identity
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import aiohttp
 import kopf
 import pytest
+
 from tests.cluster.conftest import wait_until
 from tests.cluster.operator_identity import operator_identity
 from tests.reliability.stack import free_port, start_backend, start_gateway

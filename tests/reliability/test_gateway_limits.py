@@ -16,6 +16,7 @@ import time
 
 import aiohttp
 import pytest
+
 from tests.reliability.stack import free_port, start_backend, start_gateway
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.asyncio]

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.conftest import VALID_FIXTURES
-from tests.helm import CHART_VALUES_FILES, template
-from tests.policy import check, pod_specs
 
 from llmep_operator.api import parse_endpoint
 from llmep_operator.render import build_children
 from llmep_operator.settings import OperatorSettings
+from tests.conftest import VALID_FIXTURES
+from tests.helm import CHART_VALUES_FILES, template
+from tests.policy import check, pod_specs
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))

@@ -23,6 +23,7 @@ from pathlib import Path
 import kopf
 import pytest
 from kubernetes import client as k8s
+
 from tests.cluster.conftest import wait_until
 from tests.cluster.operator_identity import operator_identity
 from tests.cluster.test_gateway_watch import gateway_identity, set_status
