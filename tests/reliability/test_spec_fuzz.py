@@ -75,11 +75,14 @@ engine = st.fixed_dictionaries(
         "gpuMemoryUtilization": field(st.floats(0.1, 1.0), -0.1, 1.5, "0.9"),
         "extraArgs": field(
             st.fixed_dictionaries({}, optional={"enable_prefix_caching": st.booleans(), "seed": st.integers(0, 9)}),
-            {"max_model_len": 4096}, {"tensor_parallel_size": 2}, "not-an-object",
+            {"max_model_len": 4096},
+            {"tensor_parallel_size": 2},
+            "not-an-object",
         ),  # fmt: skip
         "env": field(
             st.dictionaries(st.from_regex(r"\A[A-Z_]{1,8}\Z", fullmatch=True), st.text(max_size=8), max_size=2),
-            {"A": 1}, "x",
+            {"A": 1},
+            "x",
         ),  # fmt: skip
     },
 )
