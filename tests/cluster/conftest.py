@@ -197,11 +197,18 @@ def _rig_bin_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[Cluster]:
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    # Other tiers re-export this fixture (tests/reliability/conftest.py); pytest then holds one
+    # session copy per conftest, so the first one to run shares its cluster with the others.
+    shared = getattr(request.config, "_llmep_cluster", None)
+    if shared is not None:
+        yield shared
+        return
     if os.environ.get("KUBECONFIG"):
         kubeconfig = Path(os.environ["KUBECONFIG"].split(os.pathsep)[0]).expanduser()
         bins = _rig_bin_dir()
-        yield Cluster(kubeconfig, None, bins if bins.is_dir() else None)
+        request.config._llmep_cluster = Cluster(kubeconfig, None, bins if bins.is_dir() else None)
+        yield request.config._llmep_cluster
         return
     name = f"pytest-{os.getpid()}-{secrets.token_hex(2)}"
     env = {k: v for k, v in os.environ.items() if k != "LLMEP_RIG_NAME"}
@@ -212,7 +219,8 @@ def cluster() -> Iterator[Cluster]:
             pytest.fail(f"hack/local-cluster up failed ({up.returncode}):\n"
                         f"{up.stdout[-4000:]}\n{up.stderr[-4000:]}", pytrace=False)
         exports = dict(re.findall(r"^export (\w+)=(.*)$", up.stdout, re.M))
-        yield Cluster(Path(exports["KUBECONFIG"]), name, _rig_bin_dir())
+        request.config._llmep_cluster = Cluster(Path(exports["KUBECONFIG"]), name, _rig_bin_dir())
+        yield request.config._llmep_cluster
     finally:
         # Always: also after a failed `up`, a failed test or Ctrl-C.
         subprocess.run([str(LOCAL_CLUSTER), "down", "--name", name], env=env,
