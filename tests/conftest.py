@@ -63,8 +63,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(getattr(pytest.mark, tier))
 
 
+def pytest_configure(config):
+    import logging
+
+    config._llmep_root_log_handlers = list(logging.getLogger().handlers)
+
+
 def pytest_collection_finish(session):
+    import logging
+
     import pytest
+
+    # Importing ray.serve.llm (contract and serving modules) adds a JSON handler to the root
+    # logger that fails on kopf's log records; tests of other tiers must not log through it.
+    logging.getLogger().handlers[:] = session.config._llmep_root_log_handlers
 
     if session.config.option.collectonly or session.config.getoption("-k") or session.config.getoption("-m"):
         return

@@ -22,15 +22,15 @@ from tests.serving.conftest import (
     TARGET_QUEUE_DEPTH,
 )
 
-pytestmark = [pytest.mark.serving, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.serving, pytest.mark.timeout(1200)]
 
 BASELINE_STREAMS = 2
 STEP_STREAMS = 24
 TOKENS_PER_REQUEST = 128
 BASELINE_S = 6.0
 # Bounds: an engine loads in ~60-90 s here when idle, slower while the first one serves 24
-# streams on the same 2 cores.
-NEW_REPLICA_RUNNING_WITHIN_S = 300.0
+# streams on the same 2 cores (152 s measured for two new ones; over 300 s on a loaded machine).
+NEW_REPLICA_RUNNING_WITHIN_S = 600.0
 BACK_TO_MIN_WITHIN_S = DOWNSCALE_DELAY_S + 90.0
 POLL_S = 0.5
 
