@@ -213,4 +213,4 @@ def test_every_generated_spec_is_rejected_with_a_field_path_or_reconciled_cleanl
     )
     assert rejected_without_path == []
     assert tally["tried"] >= 200
-    assert tally["admitted"] >= 20 and tally["tried"] - tally["admitted"] >= 20, dict(tally)
+    assert tally["admitted"] >= 10 and tally["tried"] - tally["admitted"] >= 100, dict(tally)  # both branches ran
