@@ -51,39 +51,22 @@ def log(msg: str) -> None:
     print(f"[autoscale {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def manifest(model_dir: str) -> dict:
-    return {
-        "apiVersion": "llmep.io/v1alpha1",
-        "kind": "LLMEndpoint",
-        "metadata": {"name": SERVED_NAME, "namespace": "bench"},
-        "spec": {
-            "model": {"source": f"file://{model_dir}", "servedName": SERVED_NAME},
-            "engine": {
-                "dtype": "float32",
-                "maxModelLen": 256,
-                "extraArgs": {"enforce_eager": True},
-                "env": {"HF_HUB_OFFLINE": "1"},
-            },
-            "resources": {"profile": "cpu"},
-            "autoscaling": {
-                "minReplicas": MIN_REPLICAS,
-                "maxReplicas": MAX_REPLICAS,
-                "targetQueueDepth": TARGET,
-                "maxOngoingRequests": MAX_ONGOING,
-                "scaleUpDelaySeconds": UPSCALE_DELAY_S,
-                "scaleDownDelaySeconds": DOWNSCALE_DELAY_S,
-            },
-        },
-    }
-
-
 def application(model_dir: str, overrides: bool) -> dict:
-    from llmep_operator.api import parse_endpoint
-    from llmep_operator.render import build_serve_config
-    from llmep_operator.settings import OperatorSettings
+    from llmep_serving.tinymodel import tiny_application
 
-    endpoint = parse_endpoint(manifest(model_dir))
-    (app,) = build_serve_config(endpoint, OperatorSettings())["applications"]
+    app = tiny_application(
+        model_dir,
+        name=SERVED_NAME,
+        namespace="bench",
+        autoscaling={
+            "minReplicas": MIN_REPLICAS,
+            "maxReplicas": MAX_REPLICAS,
+            "targetQueueDepth": TARGET,
+            "maxOngoingRequests": MAX_ONGOING,
+            "scaleUpDelaySeconds": UPSCALE_DELAY_S,
+            "scaleDownDelaySeconds": DOWNSCALE_DELAY_S,
+        },
+    )
     (llm_config,) = app["args"]["llm_configs"]
     scaling = llm_config["deployment_config"]["autoscaling_config"]
     if overrides:

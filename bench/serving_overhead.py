@@ -30,9 +30,6 @@ from pathlib import Path
 
 import httpx
 
-from llmep_operator.api import parse_endpoint
-from llmep_operator.render import build_serve_config
-from llmep_operator.settings import OperatorSettings
 from llmep_serving.local import LocalServe
 from llmep_serving.tinymodel import ensure_tiny_model
 
@@ -154,24 +151,15 @@ def llmep_application(model_dir: Path, stream_batching_ms: float | None = None) 
 
     ``stream_batching_ms`` replaces the profile's ``stream_batching_interval_ms`` (to compare).
     """
-    manifest = {
-        "apiVersion": "llmep.io/v1alpha1",
-        "kind": "LLMEndpoint",
-        "metadata": {"name": SERVED, "namespace": "bench"},
-        "spec": {
-            "model": {"source": f"file://{model_dir}", "servedName": SERVED},
-            "engine": {
-                "dtype": "float32",
-                "maxModelLen": MAX_MODEL_LEN,
-                "extraArgs": {"enforce_eager": True},
-                "env": {"HF_HUB_OFFLINE": "1"},
-            },
-            "resources": {"profile": "cpu"},
-            "autoscaling": {"minReplicas": 1, "maxReplicas": 1},
-        },
-    }
-    endpoint = parse_endpoint(manifest)
-    (application,) = build_serve_config(endpoint, OperatorSettings())["applications"]
+    from llmep_serving.tinymodel import tiny_application
+
+    application = tiny_application(
+        model_dir,
+        name=SERVED,
+        namespace="bench",
+        max_model_len=MAX_MODEL_LEN,
+        autoscaling={"minReplicas": 1, "maxReplicas": 1},
+    )
     if stream_batching_ms is not None:
         (llm_config,) = application["args"]["llm_configs"]
         llm_config.setdefault("experimental_configs", {})["stream_batching_interval_ms"] = stream_batching_ms

@@ -141,3 +141,39 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def tiny_endpoint_manifest(
+    model_dir: str | os.PathLike[str],
+    *,
+    name: str = "tiny",
+    namespace: str = "local",
+    max_model_len: int = 256,
+    autoscaling: dict | None = None,
+) -> dict:
+    """The LLMEndpoint a user writes for the tiny model: the `cpu` profile adds what vLLM's CPU
+    build needs (float32, eager mode, offline hub for a local path), so nothing else is set."""
+    spec = {
+        "model": {"source": f"file://{model_dir}", "servedName": name},
+        "engine": {"maxModelLen": max_model_len},
+        "resources": {"profile": "cpu"},
+    }
+    if autoscaling:
+        spec["autoscaling"] = dict(autoscaling)
+    return {
+        "apiVersion": "llmep.io/v1alpha1",
+        "kind": "LLMEndpoint",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+def tiny_application(model_dir: str | os.PathLike[str], **manifest_kwargs) -> dict:
+    """``applications[0]`` of the serveConfigV2 the operator renders for that endpoint."""
+    from llmep_operator.api import parse_endpoint
+    from llmep_operator.render import build_serve_config
+    from llmep_operator.settings import OperatorSettings
+
+    endpoint = parse_endpoint(tiny_endpoint_manifest(model_dir, **manifest_kwargs))
+    (application,) = build_serve_config(endpoint, OperatorSettings())["applications"]
+    return application

