@@ -21,6 +21,7 @@ import kopf
 import pytest
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
+
 from tests.helm import CHART, helm, template
 
 pytestmark = pytest.mark.cluster

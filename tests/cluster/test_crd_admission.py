@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from kubernetes.client.rest import ApiException
+
 from tests.conftest import INVALID_FIXTURES, VALID_FIXTURES, expected_rejection, load_fixture
 
 pytestmark = pytest.mark.cluster

@@ -19,9 +19,9 @@ import openai
 import pytest
 from aiohttp import web
 from kubernetes import client as k8s
-from tests.conftest import FIXTURES, load_fixture
 
 from llmep_serving.gateway import GatewayServer, GatewaySettings
+from tests.conftest import FIXTURES, load_fixture
 
 pytestmark = [pytest.mark.cluster, pytest.mark.asyncio]
 REPO = Path(__file__).resolve().parents[2]

@@ -12,6 +12,7 @@ import kopf
 import pytest
 import yaml
 from kubernetes.client.rest import ApiException
+
 from tests.cluster.conftest import wait_until
 from tests.cluster.operator_identity import operator_identity
 

@@ -11,11 +11,11 @@ pytest.importorskip("ray.serve.llm", reason="the contract tier needs ray[serve] 
 
 from ray.serve.llm import LLMConfig, LLMServingArgs  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
-from tests.conftest import VALID_FIXTURES, load_fixture  # noqa: E402
 
 from llmep_operator.api import parse_endpoint  # noqa: E402
 from llmep_operator.render import build_rayservice, build_serve_config  # noqa: E402
 from llmep_operator.settings import OperatorSettings  # noqa: E402
+from tests.conftest import VALID_FIXTURES, load_fixture  # noqa: E402
 
 pytestmark = pytest.mark.contract
 SETTINGS = OperatorSettings()

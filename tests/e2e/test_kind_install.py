@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from tests.helm import CHART, helm
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
