@@ -273,7 +273,9 @@ def run_kopf_as(
     `system:serviceaccount:<namespace>:<service_account>`. Handlers come from `module`
     (`-m`, e.g. "llmep_operator.handlers"), `paths`, or a `registry` passed in; such a
     registry needs `kopf.on.login(registry=r)(kopf.login_via_client)`, as kopf registers
-    its default login handlers in the default registry only.
+    its default login handlers in the default registry only. Without one, each run gets a
+    fresh registry with that login, so no handler of an earlier run (holding an earlier
+    identity) is called again.
     Watches `watch_namespaces` (default: the ServiceAccount's namespace); `()` means all.
     """
     import kopf
@@ -287,6 +289,9 @@ def run_kopf_as(
         args += ["-m", module]
     args += list(paths)
 
+    if registry is None:
+        registry = kopf.OperatorRegistry()
+        kopf.on.login(registry=registry)(kopf.login_via_client)
     token = cluster.token_for(service_account, namespace)
     saved_default_registry = kopf.get_default_registry()  # KopfRunner replaces it
     saved_location = kube_config.KUBE_CONFIG_DEFAULT_LOCATION

@@ -17,7 +17,6 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import kopf
 import pytest
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
@@ -155,14 +154,6 @@ class ForbiddenLog(logging.Handler):
                 self.lines.append(text[:500])
 
 
-def fresh_registry() -> kopf.OperatorRegistry:
-    """An empty registry, plus the login that the default one has (the ServiceAccount's
-    kubeconfig through the kubernetes client)."""
-    registry = kopf.OperatorRegistry()
-    kopf.on.login(registry=registry)(kopf.login_via_client)
-    return registry
-
-
 def deployment_available(cluster, namespace: str, name: str, replicas: int) -> bool:
     d = cluster.apps.read_namespaced_deployment(name, namespace)
     return (d.status.available_replicas or 0) == replicas == d.spec.replicas
@@ -215,9 +206,7 @@ def test_install_runs_both_deployments_and_the_operator_reconciles_with_chart_rb
             watch = (namespace,) if namespaced else ()
             # A fresh registry: the handlers file registers into it alone, not next to the
             # handlers (and cached API client) of an earlier run in this process.
-            with kopf_runner_as(
-                operator, namespace, paths=(HANDLERS,), watch_namespaces=watch, registry=fresh_registry()
-            ) as runner:
+            with kopf_runner_as(operator, namespace, paths=(HANDLERS,), watch_namespaces=watch) as runner:
                 cluster.apply(endpoint_manifest(namespace))
                 rs = cluster.wait_until(
                     lambda: cluster.custom.get_namespaced_custom_object(

@@ -8,7 +8,6 @@ import contextlib
 import secrets
 from pathlib import Path
 
-import kopf
 import pytest
 import yaml
 from kubernetes.client.rest import ApiException
@@ -41,14 +40,7 @@ def operator(cluster, namespace, crd, kopf_runner_as, monkeypatch):
 
     @contextlib.contextmanager
     def run():
-        # A fresh registry per run: the handlers file registers into it, so no handler of an
-        # earlier run (holding an earlier identity) is called again.
-        registry = kopf.OperatorRegistry()
-        kopf.on.login(registry=registry)(kopf.login_via_client)
-        kopf.set_default_registry(registry)
-        with kopf_runner_as(
-            account, namespace, paths=(HANDLERS,), watch_namespaces=(namespace,), registry=registry
-        ) as runner:
+        with kopf_runner_as(account, namespace, paths=(HANDLERS,), watch_namespaces=(namespace,)) as runner:
             yield runner
         assert runner.exception is None, runner.exception
         assert "Traceback" not in runner.output, runner.output[-4000:]

@@ -20,7 +20,6 @@ import threading
 import time
 from pathlib import Path
 
-import kopf
 import pytest
 import urllib3
 from kubernetes import client as k8s
@@ -125,13 +124,10 @@ def test_operator_recovers_from_an_api_server_restart_without_lost_updates_or_or
     account, rbac = operator_identity(cluster.bin_dir, "faults", namespace, f"watchNamespaces={{{namespace}}}")
     cluster.apply(rbac)
     monkeypatch.setenv("LLMEP_DRIFT_CHECK_SECONDS", "5")
-    registry = kopf.OperatorRegistry()
-    kopf.on.login(registry=registry)(kopf.login_via_client)
-    kopf.set_default_registry(registry)
     names = [f"ep{i}" for i in range(8)]
     started = time.monotonic()
     with run_kopf_as(
-        cluster, account, namespace, paths=(HANDLERS,), watch_namespaces=(namespace,), registry=registry, timeout=120
+        cluster, account, namespace, paths=(HANDLERS,), watch_namespaces=(namespace,), timeout=120
     ) as runner:
         with Writer(cluster, namespace, names[:4]) as writer:
             time.sleep(2)

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-import kopf
 import pytest
 
 from tests.cluster.conftest import wait_until
@@ -191,12 +190,7 @@ def operator_restart_phase(cluster, namespace: str, kopf_runner_as, report: dict
 
     @contextlib.contextmanager
     def operator():
-        registry = kopf.OperatorRegistry()  # fresh per run: no handler of an earlier run is reused
-        kopf.on.login(registry=registry)(kopf.login_via_client)
-        kopf.set_default_registry(registry)
-        with kopf_runner_as(
-            account, namespace, paths=(HANDLERS,), watch_namespaces=(namespace,), registry=registry
-        ) as runner:
+        with kopf_runner_as(account, namespace, paths=(HANDLERS,), watch_namespaces=(namespace,)) as runner:
             yield runner
         outputs.append(runner.output)
         assert runner.exception is None, runner.exception

@@ -20,7 +20,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import kopf
 import pytest
 from kubernetes import client as k8s
 
@@ -75,9 +74,6 @@ def test_no_key_or_token_in_any_log_or_object_and_a_deleted_key_is_revoked_in_ti
     account, rbac = operator_identity(cluster.bin_dir, f"sec-{secrets.token_hex(3)}", namespace,
                                       f"watchNamespaces={{{namespace}}}")  # fmt: skip
     cluster.apply(rbac)
-    registry = kopf.OperatorRegistry()
-    kopf.on.login(registry=registry)(kopf.login_via_client)
-    kopf.set_default_registry(registry)
     endpoint = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "LLMEndpoint",
@@ -86,9 +82,7 @@ def test_no_key_or_token_in_any_log_or_object_and_a_deleted_key_is_revoked_in_ti
                            "tokenSecretRef": {"name": "hf-token", "key": "token"}}},
     }  # fmt: skip
     try:
-        with kopf_runner_as(
-            account, namespace, paths=(HANDLERS,), watch_namespaces=(namespace,), registry=registry
-        ) as runner:
+        with kopf_runner_as(account, namespace, paths=(HANDLERS,), watch_namespaces=(namespace,)) as runner:
             cluster.apply(endpoint, namespace)
             wait_until(lambda: cluster.kubectl("get", "rayservice", "gated", "-n", namespace, "-o", "name"),
                        timeout=60, message="RayService gated")  # fmt: skip

@@ -21,7 +21,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import kopf
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -140,10 +139,7 @@ def operator(cluster, namespace, kopf_runner_as, monkeypatch):
     )
     cluster.apply(rbac)
     monkeypatch.setenv("LLMEP_DRIFT_CHECK_SECONDS", "30")
-    registry = kopf.OperatorRegistry()
-    kopf.on.login(registry=registry)(kopf.login_via_client)
-    kopf.set_default_registry(registry)
-    with kopf_runner_as(account, namespace, paths=(HANDLERS,), watch_namespaces=(namespace,), registry=registry) as r:
+    with kopf_runner_as(account, namespace, paths=(HANDLERS,), watch_namespaces=(namespace,)) as r:
         yield r
     # Read once the operator has stopped (KopfRunner's exception and output wait for that).
     assert r.exception is None, r.exception
