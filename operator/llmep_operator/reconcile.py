@@ -15,8 +15,8 @@ from llmep_operator import naming
 from llmep_operator.api import SpecError, parse_endpoint
 from llmep_operator.errors import InvalidSpec, NotYet
 from llmep_operator.kube import Kube
-from llmep_operator.render import build_children, make_plan
-from llmep_operator.render.rayservice import RAY_API_VERSION
+from llmep_operator.render import make_plan
+from llmep_operator.render.rayservice import RAY_API_VERSION, children_for
 from llmep_operator.settings import OperatorSettings
 from llmep_operator.status import Observation, build_status, ready_transition
 
@@ -30,7 +30,7 @@ def _observation(body: dict[str, Any], settings: OperatorSettings) -> tuple[Obse
     try:
         endpoint = parse_endpoint(body)
         plan = make_plan(endpoint, settings)
-        children = build_children(endpoint, settings, owner_uid=meta.get("uid"))
+        children = children_for(plan, settings, owner_uid=meta.get("uid"))
     except (SpecError, InvalidSpec, naming.NameTooLong) as error:
         models = [(body.get("spec", {}).get("model", {}) or {}).get("servedName") or meta["name"]]
         return Observation(generation, models, None, 0, invalid=str(error)), None

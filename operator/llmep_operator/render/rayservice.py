@@ -9,7 +9,7 @@ from llmep_operator import naming
 from llmep_operator.api import LLMEndpoint
 from llmep_operator.render.plan import ServingPlan, make_plan, quantity_times
 from llmep_operator.render.security import container_security_context, pod_security_context, writable_volumes
-from llmep_operator.render.serve_config import build_serve_config, render_serve_config
+from llmep_operator.render.serve_config import render_serve_config, serve_config_for
 from llmep_operator.settings import OperatorSettings
 
 RAY_API_VERSION = "ray.io/v1"
@@ -107,8 +107,11 @@ def _worker_group(plan: ServingPlan) -> dict[str, Any]:
 
 
 def build_rayservice(endpoint: LLMEndpoint, settings: OperatorSettings, owner_uid: str | None = None) -> dict[str, Any]:
-    plan = make_plan(endpoint, settings)
-    serve_config = build_serve_config(endpoint, settings)
+    return _rayservice(make_plan(endpoint, settings), settings, owner_uid)
+
+
+def _rayservice(plan: ServingPlan, settings: OperatorSettings, owner_uid: str | None) -> dict[str, Any]:
+    serve_config = serve_config_for(plan, settings)
     return {
         "apiVersion": RAY_API_VERSION,
         "kind": "RayService",
@@ -134,7 +137,10 @@ def build_serve_service(
     endpoint: LLMEndpoint, settings: OperatorSettings, owner_uid: str | None = None
 ) -> dict[str, Any]:
     """`<name>-serve`: Serve's HTTP proxies of this endpoint, across RayCluster upgrades."""
-    plan = make_plan(endpoint, settings)
+    return _serve_service(make_plan(endpoint, settings), settings, owner_uid)
+
+
+def _serve_service(plan: ServingPlan, settings: OperatorSettings, owner_uid: str | None) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -152,10 +158,13 @@ def build_serve_service(
 def build_cache_pvc(
     endpoint: LLMEndpoint, settings: OperatorSettings, owner_uid: str | None = None
 ) -> dict[str, Any] | None:
-    cache = endpoint.spec.cache
+    return _cache_pvc(make_plan(endpoint, settings), owner_uid)
+
+
+def _cache_pvc(plan: ServingPlan, owner_uid: str | None) -> dict[str, Any] | None:
+    cache = plan.endpoint.spec.cache
     if not cache.enabled:
         return None
-    plan = make_plan(endpoint, settings)
     spec: dict[str, Any] = {
         "accessModes": ["ReadWriteMany"],
         "resources": {"requests": {"storage": cache.size}},
@@ -172,10 +181,10 @@ def build_cache_pvc(
 
 def build_children(endpoint: LLMEndpoint, settings: OperatorSettings, owner_uid: str | None = None) -> list[dict]:
     """Every object the operator applies for one endpoint, in apply order."""
-    children = []
-    pvc = build_cache_pvc(endpoint, settings, owner_uid)
-    if pvc:
-        children.append(pvc)
-    children.append(build_rayservice(endpoint, settings, owner_uid))
-    children.append(build_serve_service(endpoint, settings, owner_uid))
-    return children
+    return children_for(make_plan(endpoint, settings), settings, owner_uid)
+
+
+def children_for(plan: ServingPlan, settings: OperatorSettings, owner_uid: str | None = None) -> list[dict]:
+    """build_children for a plan already made (the reconciler has one): the plan is made once."""
+    pvc = _cache_pvc(plan, owner_uid)
+    return [*([pvc] if pvc else []), _rayservice(plan, settings, owner_uid), _serve_service(plan, settings, owner_uid)]

@@ -92,7 +92,11 @@ def build_application(plan: ServingPlan) -> dict[str, Any]:
 
 def build_serve_config(endpoint: LLMEndpoint, settings: OperatorSettings) -> dict[str, Any]:
     """The whole serveConfigV2 document, as data."""
-    plan = make_plan(endpoint, settings)
+    return serve_config_for(make_plan(endpoint, settings), settings)
+
+
+def serve_config_for(plan: ServingPlan, settings: OperatorSettings) -> dict[str, Any]:
+    """build_serve_config for a plan already made (the RayService builder has one)."""
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": settings.serve_port},  # noqa: S104 - inside the pod
