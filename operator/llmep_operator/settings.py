@@ -52,6 +52,15 @@ class ResourceProfile(BaseModel):
         default_factory=dict, description="vLLM engine kwargs applied unless the endpoint sets them."
     )
     env: dict[str, str] = Field(default_factory=dict, description="Environment for engine processes.")
+    ray_num_cpus: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Logical CPUs each worker offers Ray (rayStartParams num-cpus); default: KubeRay derives"
+            " them from the CPU limit. A CPU replica holds about 2 (its actor and the engine bundle)"
+            " and the OpenAI ingress 1 more, so set it where workers request a fraction of a core."
+        ),
+    )
     stream_batching_interval_ms: int | None = Field(
         default=None,
         ge=0,
@@ -127,6 +136,17 @@ class OperatorSettings(BaseSettings):
     ray_version: str = Field(default=RAY_VERSION, description="Ray version inside the images (KubeRay's rayVersion).")
     head_cpu: str = Field(default="2", description="CPU of the Ray head pod.")
     head_memory: str = Field(default="8Gi", description="Memory of the Ray head pod.")
+    autoscaler_cpu: str = Field(default="500m", description="CPU of the Ray autoscaler sidecar in the head pod.")
+    autoscaler_memory: str = Field(
+        default="512Mi", description="Memory of the Ray autoscaler sidecar in the head pod."
+    )
+    cpu_limits: bool = Field(
+        default=True,
+        description=(
+            "CPU limits equal to the requests on Ray pods (Guaranteed QoS with the memory limits)."
+            " Off: CPU requests only, so pods on a small node (kind, a laptop) may use every idle core."
+        ),
+    )
     head_node_selector: dict[str, str] = Field(default_factory=dict, description="Labels for the Ray head's node.")
     namespaces: list[str] = Field(
         default_factory=list, description="Namespaces to watch; empty watches the whole cluster."

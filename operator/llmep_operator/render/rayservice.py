@@ -62,6 +62,11 @@ def _pod_template(plan: ServingPlan, container: dict, node_selector: dict, toler
     return {"metadata": {"labels": naming.labels(plan.name)}, "spec": spec}
 
 
+def _requests_and_limits(resources: dict[str, str], cpu_limits: bool) -> dict[str, Any]:
+    limits = dict(resources) if cpu_limits else {k: v for k, v in resources.items() if k != "cpu"}
+    return {"requests": dict(resources), "limits": limits}
+
+
 def _head_group(plan: ServingPlan, settings: OperatorSettings) -> dict[str, Any]:
     resources = {"cpu": settings.head_cpu, "memory": settings.head_memory}
     ports = [
@@ -71,7 +76,7 @@ def _head_group(plan: ServingPlan, settings: OperatorSettings) -> dict[str, Any]
         {"name": "serve", "containerPort": settings.serve_port},
     ]
     image = settings.head_image or plan.image
-    container = _container(plan, "ray-head", image, {"requests": resources, "limits": dict(resources)}, ports)
+    container = _container(plan, "ray-head", image, _requests_and_limits(resources, settings.cpu_limits), ports)
     return {
         # The head schedules no replicas: GPU work goes to workers, which the autoscaler adds.
         "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},  # noqa: S104 - inside the pod
@@ -79,7 +84,7 @@ def _head_group(plan: ServingPlan, settings: OperatorSettings) -> dict[str, Any]
     }
 
 
-def _worker_resources(plan: ServingPlan) -> dict[str, Any]:
+def _worker_resources(plan: ServingPlan, cpu_limits: bool) -> dict[str, Any]:
     profile = plan.profile
     units = max(plan.gpus_per_worker, 1)
     resources = {
@@ -88,12 +93,12 @@ def _worker_resources(plan: ServingPlan) -> dict[str, Any]:
     }
     if plan.gpus_per_worker:
         resources[profile.gpu_resource] = str(plan.gpus_per_worker)
-    return {"requests": dict(resources), "limits": dict(resources)}
+    return _requests_and_limits(resources, cpu_limits)
 
 
-def _worker_group(plan: ServingPlan) -> dict[str, Any]:
+def _worker_group(plan: ServingPlan, settings: OperatorSettings) -> dict[str, Any]:
     profile = plan.profile
-    container = _container(plan, "ray-worker", plan.image, _worker_resources(plan))
+    container = _container(plan, "ray-worker", plan.image, _worker_resources(plan, settings.cpu_limits))
     tolerations = [t.model_dump(exclude_none=True) for t in profile.tolerations]
     return {
         "groupName": naming.WORKER_GROUP,
@@ -101,7 +106,7 @@ def _worker_group(plan: ServingPlan) -> dict[str, Any]:
         "minReplicas": plan.min_workers,
         "maxReplicas": plan.max_workers,
         "numOfHosts": 1,
-        "rayStartParams": {},
+        "rayStartParams": {"num-cpus": str(profile.ray_num_cpus)} if profile.ray_num_cpus else {},
         "template": _pod_template(plan, container, profile.node_selector, tolerations),
     }
 
@@ -125,9 +130,12 @@ def _rayservice(plan: ServingPlan, settings: OperatorSettings, owner_uid: str | 
                     "upscalingMode": "Default",
                     "idleTimeoutSeconds": settings.autoscaler_idle_timeout_seconds,
                     "securityContext": container_security_context(),
+                    "resources": _requests_and_limits(
+                        {"cpu": settings.autoscaler_cpu, "memory": settings.autoscaler_memory}, settings.cpu_limits
+                    ),
                 },
                 "headGroupSpec": _head_group(plan, settings),
-                "workerGroupSpecs": [_worker_group(plan)],
+                "workerGroupSpecs": [_worker_group(plan, settings)],
             },
         },
     }
