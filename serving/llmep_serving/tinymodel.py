@@ -1,11 +1,16 @@
-"""A tiny Llama with random weights and a trained byte-level BPE tokenizer, made locally.
+"""A tiny Llama, trained for a few seconds on a short English text, made locally.
 
 The serving tests and benchmarks need a real model directory that vLLM loads like any
-Hugging Face checkpoint, without reaching a model hub. This one takes a few seconds to make
-and is cached under ``${LLMEP_CACHE:-${XDG_CACHE_HOME:-~/.cache}/llmep}/models/``.
+Hugging Face checkpoint, without reaching a model hub. This one is made on the spot: a
+byte-level BPE tokenizer and the model's weights are both trained on ``data/tiny-corpus.txt``
+(package data: friendly paragraphs about serving models on Kubernetes, and ``Q:``/``A:`` pairs
+that are trained in the chat template's format), so its greedy chat answers are words and
+sentences from that text rather than random bytes. Training is a short, seeded AdamW run on
+one CPU thread (about 15-25 s on two busy cores): the same seed gives the same weights. The
+model is cached under ``${LLMEP_CACHE:-${XDG_CACHE_HOME:-~/.cache}/llmep}/models/``.
 
 Shape notes (vLLM's CPU attention rejects head_dim 16; 64 works): hidden 128, 2 heads, 1 KV
-head, 2 layers, tied embeddings, vocab 512.
+head, 2 layers, tied embeddings, vocab 512, float32.
 
 torch, transformers and tokenizers are imported inside :func:`ensure_tiny_model` only, so
 importing ``llmep_serving`` stays light.
@@ -19,8 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Bump the suffix whenever the model's shape, tokenizer or template changes, so caches refresh.
-MODEL_DIRNAME = "tiny-llama-v1"
+# Bump the suffix whenever the model's shape, tokenizer, template, corpus or training changes, so
+# caches refresh.
+MODEL_DIRNAME = "tiny-llama-v2"
 
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -33,18 +39,39 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
-_CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Kubernetes runs containers; an operator reconciles custom resources into children.",
-    "A large language model predicts the next token from the tokens before it.",
-    "Hello! How can I help you today? Tell me about the weather in Paris.",
-    "Ray Serve scales replicas on queue depth: ongoing requests per replica.",
-    "vLLM pages the key-value cache so many sequences share memory.",
-    "def add(a, b):\n    return a + b\n",
-    "0 1 2 3 4 5 6 7 8 9 10 100 1000, 3.14159; {'json': [true, false, null]}",
-    "Streaming answers arrive as server-sent events, one chunk at a time.",
-    "The gateway routes on the request's model name to the endpoint's base URL.",
-]
+CORPUS_RESOURCE = "data/tiny-corpus.txt"
+
+# Training: 15-25 s on one CPU thread of a busy 2-core machine. Same seed, same weights.
+SEED = 0
+TRAIN_STEPS = 250
+BATCH_SIZE = 8
+LEARNING_RATE = 3e-3
+WARMUP_STEPS = 20
+
+
+def load_corpus() -> str:
+    """The English text the tiny model's tokenizer and weights are trained on (package data)."""
+    from importlib.resources import files
+
+    return files("llmep_serving").joinpath(CORPUS_RESOURCE).read_text(encoding="utf-8")
+
+
+def corpus_parts(text: str | None = None) -> tuple[list[tuple[str, str]], list[str]]:
+    """Split the corpus into chat pairs (``Q: ...`` / ``A: ...`` blocks) and plain paragraphs."""
+    chats: list[tuple[str, str]] = []
+    paragraphs: list[str] = []
+    for block in (load_corpus() if text is None else text).split("\n\n"):
+        block = block.strip()
+        if block.startswith("Q: ") and "\nA: " in block:
+            question, answer = block[len("Q: ") :].split("\nA: ", 1)
+            chats.append((" ".join(question.split()), " ".join(answer.split())))
+        elif block:
+            paragraphs.append(" ".join(block.split()))
+    return chats, paragraphs
+
+
+# Model folders this process made: copying one beats training again for another cache root.
+_MADE_HERE: list[Path] = []
 
 
 def cache_root() -> Path:
@@ -73,7 +100,12 @@ def ensure_tiny_model(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIRNAME}.", dir=target.parent))
     try:
-        _write_model(staging)
+        made = next((path for path in _MADE_HERE if (path / "config.json").is_file()), None)
+        if made is not None:
+            # Already trained in this process for another cache root: same files, no retraining.
+            shutil.copytree(made, staging, dirs_exist_ok=True)
+        else:
+            _write_model(staging)
         staging.chmod(0o755)  # mkdtemp makes it private; the model is meant to be shared
         try:
             staging.rename(target)
@@ -84,6 +116,7 @@ def ensure_tiny_model(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+    _MADE_HERE.append(target)
     return target
 
 
@@ -92,6 +125,7 @@ def _write_model(out: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    chats, paragraphs = corpus_parts()
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -102,7 +136,7 @@ def _write_model(out: Path) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    bpe.train_from_iterator([text for chat in chats for text in chat] + paragraphs, trainer=trainer)
 
     bos, eos, pad = SPECIAL_TOKENS[:3]
     tokenizer = PreTrainedTokenizerFast(
@@ -126,12 +160,63 @@ def _write_model(out: Path) -> None:
         pad_token_id=tokenizer.pad_token_id,
         dtype="float32",
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    # Chat pairs exactly as the chat template renders them (what vLLM's chat endpoint sends), and
+    # the plain paragraphs as documents of their own.
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+            tokenize=False,
+        )
+        for question, answer in chats
+    ] + [f"{bos}{paragraph}{eos}\n" for paragraph in paragraphs]
+    examples = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic, and light beside whatever else runs
+    try:
+        torch.manual_seed(SEED)
+        model = LlamaForCausalLM(config)
+        _train(model, examples, pad_id=tokenizer.pad_token_id)
+    finally:
+        torch.set_num_threads(threads)
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
+
+
+def _train(model, examples: list[list[int]], *, pad_id: int) -> None:
+    """A short AdamW run over the examples, shuffled by a seeded generator, batches padded."""
+    import torch
+
+    generator = torch.Generator().manual_seed(SEED)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / WARMUP_STEPS) * max(0.05, 1 - step / TRAIN_STEPS),
+    )
+    model.train()
+    order: list[int] = []
+    for step in range(1, TRAIN_STEPS + 1):
+        if len(order) < BATCH_SIZE:
+            order += torch.randperm(len(examples), generator=generator).tolist()
+        batch = [examples[i] for i in order[:BATCH_SIZE]]
+        del order[:BATCH_SIZE]
+        width = max(map(len, batch))
+        input_ids = torch.full((len(batch), width), pad_id)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        labels = input_ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == TRAIN_STEPS:
+            print(f"training tiny model: step {step}/{TRAIN_STEPS}, loss {loss.item():.3f}", file=sys.stderr)
+    model.eval()
 
 
 def main() -> int:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from llmep_serving.local import LocalServe, load_builder
-from llmep_serving.tinymodel import MODEL_DIRNAME, ensure_tiny_model
+from llmep_serving.tinymodel import MODEL_DIRNAME, ensure_tiny_model, load_corpus
 
 pytestmark = pytest.mark.serving
 
@@ -41,6 +42,28 @@ def test_tiny_tokenizer_round_trips_text_and_renders_a_chat(tmp_path):
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
     assert prompt.endswith("<|assistant|>\n") and "hi" in prompt
+
+
+@pytest.mark.parametrize("question", ["Say hello.", "What is llmep?"])
+def test_tiny_model_answers_a_chat_in_words_of_its_corpus(tiny_model_dir, question):
+    """What a user of the demo sees: the greedy chat answer reads as words of the shipped text."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    corpus_words = set(re.findall(r"[a-z]+", load_corpus().lower()))
+    words = re.findall(r"[a-z]+", answer.lower())
+    known = [word for word in words if word in corpus_words]
+    assert len(words) >= 3, answer
+    assert len(known) >= 0.8 * len(words), answer
 
 
 def test_cache_root_follows_llmep_cache(tmp_path, monkeypatch):
