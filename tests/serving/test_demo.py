@@ -38,7 +38,7 @@ def test_demo_prints_an_answer_through_the_gateway_and_stops_cleanly():
         assert f"http://127.0.0.1:{env['LLMEP_DEMO_PORT']}/v1" in output
         assert re.search(r"api_key\s+sk-llmep-", output)
         # The endpoint was reconciled by the operator on the rig, workers placed on nodes.
-        assert re.search(r"^tiny\s+file:///models/tiny-llama\s+cpu\s+False", output, re.M), output[-3000:]
+        assert re.search(r"^tiny\s+pvc://llmep-models/tiny-llama\s+cpu\s+False", output, re.M), output[-3000:]
     finally:
         down = subprocess.run(
             [str(REPO / "hack" / "demo"), "down"], env=env, capture_output=True, text=True, timeout=300
