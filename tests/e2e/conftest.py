@@ -1,73 +1,152 @@
-"""Fixtures of the e2e tier: a kind cluster (kind-config.yaml) with real images, for machines
-with Docker. Not run in CI here: this project's machines have no Docker engine, so every test
-of the tier skips, saying why.
+"""Fixtures of the e2e tier: a kind cluster from kind-config.yaml, with a node image, images and
+binaries all built on this machine (no registry), created through pytest-kind-ng's KindCluster.
 
-`kind_cluster` overrides pytest-kind's fixture of the same name so the cluster is created
-from the repository's kind-config.yaml (pytest-kind's own creates a one-node cluster).
-kind and kubectl are pytest-kind's downloads at KIND_VERSION / KUBECTL_VERSION (pinned below
-unless set in the environment), or --kind-bin / --kind-kubectl-bin.
+The tier runs wherever a Docker engine can be had (hack/docker-engine installs and starts one as
+root on Debian). Only where none can be had at all does every test skip, with one loud line.
+Set LLMEP_KEEP_KIND=1 to keep the cluster after the run (and reuse it on the next one).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pytest_kind import KindCluster
 
-REPO = Path(__file__).resolve().parents[2]
-KIND_CONFIG = REPO / "kind-config.yaml"
-# kind v0.33.0 ships kindest/node:v1.37.0, the node image kind-config.yaml names.
-os.environ.setdefault("KIND_VERSION", "v0.33.0")
-os.environ.setdefault("KUBECTL_VERSION", "v1.37.2")
+from tests.e2e.kind import (
+    CLUSTER_NAME,
+    DOCKER_UNAVAILABLE,
+    KEEP_ENV,
+    KIND_CONFIG,
+    Images,
+    kind_binary,
+    kubectl_binary,
+    kuberay_kustomization,
+    run_step,
+)
+from tests.helm import CHART, helm
+
+HERE = Path(__file__).parent
+EXAMPLES = HERE.parents[1] / "examples"
+APP_NAMESPACE = "default"
+LLMEP_NAMESPACE = "llmep-system"
+KUBERAY_NAMESPACE = "kuberay-system"
+_docker_problem: str | None = None
 
 
-def docker_unavailable() -> str | None:
-    """Why Docker cannot be used here, or None when `docker info` succeeds."""
-    docker = shutil.which("docker")
-    if docker is None:
-        return "no docker command on PATH"
-    try:
-        proc = subprocess.run([docker, "info"], capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired:
-        return "`docker info` did not answer within 30s"
+def _ensure_docker() -> str | None:
+    """None when Docker works (started here if needed); the reason when none can be had."""
+    proc = run_step(str(HERE.parents[1] / "hack" / "docker-engine"), timeout=600)
+    if proc.returncode == DOCKER_UNAVAILABLE:
+        return "hack/docker-engine found no way to run Docker on this machine (see its message above)"
     if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        return f"`docker info` failed: {lines[-1] if lines else proc.returncode}"
+        pytest.fail(f"hack/docker-engine failed (exit {proc.returncode}); see its log above", pytrace=False)
     return None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    reason = docker_unavailable()
-    if reason is None:
+    global _docker_problem
+    ours = [item for item in items if Path(str(item.fspath)).resolve().is_relative_to(HERE)]
+    if not ours:
         return
-    skip = pytest.mark.skip(
-        reason=f"e2e tier needs a Docker engine for kind ({reason}); it is not run in CI here, see docs/install.md"
-    )
-    for item in items:
-        if Path(str(item.fspath)).resolve().is_relative_to(Path(__file__).parent):
-            item.add_marker(skip)
+    _docker_problem = _ensure_docker()
+    if _docker_problem:
+        print(f"\n!!! e2e tier SKIPPED: {_docker_problem} !!!\n", file=sys.stderr, flush=True)
+        for item in ours:
+            item.add_marker(pytest.mark.skip(reason=f"no Docker engine: {_docker_problem}"))
 
 
 @pytest.fixture(scope="session")
-def kind_cluster(request: pytest.FixtureRequest) -> Iterator[object]:
-    try:
-        from pytest_kind import KindCluster
-    except ImportError:
-        pytest.skip("pytest-kind-ng is not installed: pip install -e '.[e2e]'")
-    option = request.config.getoption
-    kind_bin, kubectl_bin = option("kind_bin", None), option("kind_kubectl_bin", None)
-    cluster = KindCluster(
-        option("cluster_name", None) or "llmep-e2e",
-        kind_path=Path(kind_bin) if kind_bin else None,
-        kubectl_path=Path(kubectl_bin) if kubectl_bin else None,
-    )
+def images() -> Images:
+    """The images and node image, built (or found up to date) by the project's own scripts."""
+    hack = HERE.parents[1] / "hack"
+    for step, timeout in (("local-cluster", 3600), ("images", 3600), ("kind-node-image", 3600)):
+        cmd = [str(hack / step), "build"] if step == "local-cluster" else [str(hack / step)]
+        proc = run_step(*cmd, timeout=timeout)
+        if proc.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)} failed (exit {proc.returncode}); see its output above", pytrace=False)
+    return Images.pinned()
+
+
+@pytest.fixture(scope="session")
+def kind_cluster(images: Images) -> Iterator[KindCluster]:
+    keep = os.environ.get(KEEP_ENV) == "1"
+    cluster = KindCluster(CLUSTER_NAME, image=images.node, kind_path=kind_binary(), kubectl_path=kubectl_binary())
+    listed = subprocess.run([str(kind_binary()), "get", "clusters"], capture_output=True, text=True, check=True)
+    if CLUSTER_NAME in listed.stdout.split() and not keep:
+        cluster.delete()  # a leftover of an interrupted run: never test on stale state
     cluster.create(config_file=KIND_CONFIG)
     try:
+        for image in images.workloads():
+            run = subprocess.run(
+                [str(kind_binary()), "load", "docker-image", "--name", CLUSTER_NAME, image],
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
+            assert run.returncode == 0, f"kind load docker-image {image} failed: {run.stderr[-2000:]}"
         yield cluster
     finally:
-        if not option("keep_cluster", False):
+        if keep:
+            print(f"\n[e2e] kept kind cluster {CLUSTER_NAME} ({KEEP_ENV}=1): KUBECONFIG={cluster.kubeconfig_path}")
+        else:
             cluster.delete()
+
+
+@pytest.fixture(scope="session")
+def kuberay(kind_cluster: KindCluster) -> str:
+    """KubeRay's operator from its own manifests, with the image built here; returns its namespace."""
+    manifest = kind_cluster.kubectl("kustomize", str(kuberay_kustomization(KUBERAY_NAMESPACE)))
+    kind_cluster.kubectl("create", "namespace", KUBERAY_NAMESPACE)
+    kind_cluster.kubectl("apply", "--server-side", "-f", "-", input=manifest)
+    kind_cluster.kubectl("rollout", "status", "deployment/kuberay-operator", "-n", KUBERAY_NAMESPACE, "--timeout=300s")
+    return KUBERAY_NAMESPACE
+
+
+@pytest.fixture(scope="session")
+def llmep_release(kind_cluster: KindCluster, kuberay: str) -> str:
+    """`helm install` of charts/llmep with the kind values and the images built here."""
+    helm(
+        "install",
+        "llmep",
+        str(CHART),
+        "--namespace",
+        LLMEP_NAMESPACE,
+        "--create-namespace",
+        "-f",
+        str(CHART / "ci" / "values-kind.yaml"),
+        "--wait",
+        "--timeout",
+        "600s",
+        kubeconfig=Path(kind_cluster.kubeconfig_path),
+        timeout=700,
+    )
+    return LLMEP_NAMESPACE
+
+
+@pytest.fixture(scope="session")
+def model_volume(kind_cluster: KindCluster) -> str:
+    """The tiny model copied onto a PVC, as examples/tiny-model-volume.yaml tells a user to."""
+    from llmep_serving.tinymodel import ensure_tiny_model
+
+    model_dir = ensure_tiny_model()
+    kind_cluster.kubectl("apply", "-n", APP_NAMESPACE, "-f", str(EXAMPLES / "tiny-model-volume.yaml"))
+    kind_cluster.kubectl(
+        "wait", "-n", APP_NAMESPACE, "--for=condition=Ready", "pod/llmep-model-loader", "--timeout=300s"
+    )
+    kind_cluster.kubectl("cp", "-n", APP_NAMESPACE, str(model_dir), "llmep-model-loader:/models/tiny-llama")
+    listed = kind_cluster.kubectl("exec", "-n", APP_NAMESPACE, "llmep-model-loader", "--", "ls", "/models/tiny-llama")
+    assert "config.json" in listed.split(), listed
+    kind_cluster.kubectl("delete", "-n", APP_NAMESPACE, "pod/llmep-model-loader", "--wait=true")
+    return "llmep-models"
+
+
+@pytest.fixture(scope="session")
+def tiny_endpoint(kind_cluster: KindCluster, llmep_release: str, model_volume: str) -> str:
+    """examples/tiny-cpu.yaml applied with kubectl; returns the endpoint's name."""
+    kind_cluster.kubectl("apply", "-n", APP_NAMESPACE, "-f", str(EXAMPLES / "tiny-cpu.yaml"))
+    return "tiny"

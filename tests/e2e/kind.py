@@ -1,0 +1,116 @@
+"""What the e2e tier needs from this machine: Docker, the images built here, kind's node image,
+the kind and kubectl binaries of the rig's build, and KubeRay's manifests from its Go module.
+
+Everything is made by the project's own scripts (hack/docker-engine, hack/images,
+hack/kind-node-image, hack/local-cluster build), each idempotent, so the tier can call them and
+`make test-e2e` works on a machine where only `make setup` ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.helm import REPO_ROOT, kube_version, rig_bin_dir
+
+KIND_CONFIG = REPO_ROOT / "kind-config.yaml"
+CLUSTER_NAME = "llmep-e2e"
+# Set to 1 to keep the kind cluster after the run (and to reuse a kept one) for debugging.
+KEEP_ENV = "LLMEP_KEEP_KIND"
+DOCKER_UNAVAILABLE = 3  # hack/docker-engine's exit status when no Docker can be had at all
+
+
+def pins() -> dict[str, str]:
+    values = {}
+    for line in (REPO_ROOT / "hack" / "versions.env").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not key.strip().startswith("#"):
+            values[key.strip()] = value.strip().strip('"')
+    return values
+
+
+def project_version() -> str:
+    for line in (REPO_ROOT / "pyproject.toml").read_text().splitlines():
+        if line.startswith("version = "):
+            return line.split("=", 1)[1].strip().strip('"')
+    raise AssertionError("pyproject.toml has no version")
+
+
+@dataclass(frozen=True)
+class Images:
+    llmep: str
+    serving: str
+    kuberay: str
+    node: str
+
+    @classmethod
+    def pinned(cls) -> Images:
+        version, versions = project_version(), pins()
+        return cls(
+            llmep=f"ghcr.io/llmep/llmep:{version}",
+            serving=f"ghcr.io/llmep/llmep-serving-cpu:{version}",
+            kuberay=f"quay.io/kuberay/operator:{versions['KUBERAY_VERSION']}",
+            node=f"llmep/kind-node:{kube_version()}",
+        )
+
+    def workloads(self) -> list[str]:
+        return [self.llmep, self.serving, self.kuberay]
+
+
+def run_step(*cmd: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run one of the project's setup scripts, its progress lines passed through to the terminal."""
+    print(f"\n[e2e] $ {' '.join(cmd)}", file=sys.stderr, flush=True)
+    return subprocess.run(cmd, cwd=REPO_ROOT, timeout=timeout, text=True, stdout=sys.stderr)
+
+
+def kind_binary() -> Path:
+    return rig_bin_dir() / "kind"
+
+
+def kubectl_binary() -> Path:
+    return rig_bin_dir() / "kubectl"
+
+
+def kuberay_module_dir() -> Path:
+    env = {**os.environ, "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"}
+    module = f"github.com/ray-project/kuberay/ray-operator@{pins()['KUBERAY_VERSION']}"
+    out = subprocess.run(
+        ["go", "mod", "download", "-json", module], capture_output=True, text=True, env=env, check=True, timeout=300
+    ).stdout
+    return Path(json.loads(out)["Dir"])
+
+
+def kuberay_kustomization(namespace: str) -> Path:
+    """KubeRay's own manifests (the module's config/default), in `namespace`.
+
+    KubeRay's Helm chart lives outside its Go module and no chart repository is reachable here;
+    config/default is the same operator Deployment, RBAC and CRDs, installed with kubectl's
+    built-in kustomize.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="llmep-kuberay-"))
+    base = kuberay_module_dir() / "config" / "default"
+    (folder / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+        "kind: Kustomization\n"
+        f"namespace: {namespace}\n"
+        f"resources:\n  - {base}\n"
+    )
+    return folder
+
+
+def wait_for(what: str, check, timeout: float, interval: float = 2.0):
+    """Poll `check()` until it returns something truthy; fail with the last value seen."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")

@@ -1,0 +1,152 @@
+"""The whole chain on kind, through public interfaces only: `kubectl apply` of an LLMEndpoint whose
+weights are on a PVC → the operator in its pod → KubeRay → a Ray head and a vLLM worker from the
+serving image → `Ready=True` → answers through the gateway's Service to the official openai SDK,
+with keys made by the `llmep` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from pytest_kind import KindCluster
+
+pytestmark = [pytest.mark.timeout(3600)]
+
+APP_NAMESPACE = "default"
+LLMEP = Path(sys.executable).parent / "llmep"
+
+
+def llmep_cli(cluster: KindCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig_path)}
+    return subprocess.run([str(LLMEP), *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def ready_condition(cluster: KindCluster, name: str) -> dict:
+    obj = json.loads(cluster.kubectl("get", "llmendpoint", name, "-n", APP_NAMESPACE, "-o", "json"))
+    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == "Ready"), {})
+
+
+@pytest.fixture(scope="module")
+def ready_endpoint(kind_cluster: KindCluster, tiny_endpoint: str) -> dict:
+    t0 = time.monotonic()
+    kind_cluster.kubectl(
+        "wait", "-n", APP_NAMESPACE, "--for=condition=Ready", f"llmendpoint/{tiny_endpoint}", "--timeout=1500s"
+    )
+    print(f"\n[e2e] {tiny_endpoint} Ready after {time.monotonic() - t0:.0f}s (kubectl wait)")
+    return json.loads(kind_cluster.kubectl("get", "llmendpoint", tiny_endpoint, "-n", APP_NAMESPACE, "-o", "json"))
+
+
+@pytest.fixture(scope="module")
+def gateway_url(kind_cluster: KindCluster, llmep_release: str) -> Iterator[str]:
+    with kind_cluster.port_forward("service/llmep-gateway", 80, "-n", llmep_release) as port:
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.fixture(scope="module")
+def api_key(kind_cluster: KindCluster, llmep_release: str) -> str:
+    made = llmep_cli(kind_cluster, "keys", "create", "e2e-all", "-n", llmep_release)
+    assert made.returncode == 0, made.stderr
+    return made.stdout.strip()
+
+
+def test_operator_in_its_pod_makes_the_endpoint_ready(kind_cluster: KindCluster, ready_endpoint: dict):
+    status = ready_endpoint["status"]
+    assert status["url"] == f"http://tiny-serve.{APP_NAMESPACE}.svc:8000/v1"
+    assert status["replicas"]["ready"] >= 1, status
+    assert status["observedGeneration"] == ready_endpoint["metadata"]["generation"]
+    table = kind_cluster.kubectl("get", "llmep", "-n", APP_NAMESPACE)
+    row = next(line for line in table.splitlines() if line.startswith("tiny "))
+    assert "True" in row.split(), table
+    shown = llmep_cli(kind_cluster, "status", "-n", APP_NAMESPACE, "--exit-code")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "tiny" in shown.stdout
+
+
+def test_openai_sdk_through_the_gateway(ready_endpoint: dict, gateway_url: str, api_key: str):
+    import openai
+    from openai import OpenAI
+
+    client = OpenAI(base_url=gateway_url, api_key=api_key, timeout=120, max_retries=0)
+    assert {"tiny", "chat-default"} <= {m.id for m in client.models.list().data}
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Say hello."}], max_tokens=16, temperature=0
+    )
+    print(f"\n[e2e] tiny says: {chat.choices[0].message.content!r}")
+    assert chat.choices[0].message.content.strip()
+    alias = client.chat.completions.create(
+        model="chat-default", messages=[{"role": "user", "content": "What is llmep?"}], max_tokens=8
+    )
+    assert alias.choices[0].message.content.strip()
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() and chunks[-1].usage and chunks[-1].usage.completion_tokens > 0
+    completion = client.completions.create(model="tiny", prompt="Kubernetes runs", max_tokens=8)
+    assert completion.choices[0].text
+
+    no_key = httpx.get(f"{gateway_url}/models", timeout=30)
+    assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "invalid_api_key", no_key.text
+    wrong = OpenAI(base_url=gateway_url, api_key="sk-not-a-key", timeout=30, max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as wrong_key:
+        wrong.models.list()
+    assert wrong_key.value.body["code"] == "invalid_api_key", wrong_key.value.body
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    assert unknown.value.body["code"] == "model_not_found", unknown.value.body
+
+
+def test_keys_from_the_cli_work_within_seconds_and_revoke_stops_them(
+    kind_cluster: KindCluster, ready_endpoint: dict, gateway_url: str, llmep_release: str
+):
+    import openai
+    from openai import OpenAI
+
+    made = llmep_cli(kind_cluster, "keys", "create", "e2e-scoped", "-n", llmep_release, "--models", "tiny")
+    assert made.returncode == 0, made.stderr
+    client = OpenAI(base_url=gateway_url, api_key=made.stdout.strip(), timeout=60, max_retries=0)
+    t0 = time.monotonic()
+    while True:
+        try:
+            models = [m.id for m in client.models.list().data]
+            break
+        except openai.AuthenticationError:
+            assert time.monotonic() - t0 < 30, "a new key was still refused after 30 s"
+            time.sleep(0.5)
+    print(f"\n[e2e] new key accepted after {time.monotonic() - t0:.1f}s")
+    assert "tiny" in models, models
+    made_other = llmep_cli(kind_cluster, "keys", "create", "e2e-other", "-n", llmep_release, "--models", "other")
+    other = OpenAI(base_url=gateway_url, api_key=made_other.stdout.strip(), timeout=60, max_retries=0)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            other.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+            raise AssertionError("a key scoped to another model reached tiny")
+        except openai.NotFoundError:
+            break
+        except openai.AuthenticationError:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    revoked = llmep_cli(kind_cluster, "keys", "revoke", "e2e-scoped", "-n", llmep_release)
+    assert revoked.returncode == 0, revoked.stderr
+    t0 = time.monotonic()
+    while True:
+        try:
+            client.models.list()
+        except openai.AuthenticationError:
+            break
+        assert time.monotonic() - t0 < 30, "a revoked key still worked after 30 s"
+        time.sleep(0.5)
+    print(f"[e2e] revoked key refused after {time.monotonic() - t0:.1f}s")
