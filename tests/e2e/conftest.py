@@ -130,11 +130,11 @@ def llmep_release(kind_cluster: KindCluster, kuberay: str) -> str:
 
 @pytest.fixture(scope="session")
 def model_volume(kind_cluster: KindCluster) -> str:
-    """The tiny model copied onto a PVC, as examples/tiny-model-volume.yaml tells a user to."""
+    """The tiny model copied onto a PVC, as examples/storage/tiny-model-volume.yaml tells a user to."""
     from llmep_serving.tinymodel import ensure_tiny_model
 
     model_dir = ensure_tiny_model()
-    kind_cluster.kubectl("apply", "-n", APP_NAMESPACE, "-f", str(EXAMPLES / "tiny-model-volume.yaml"))
+    kind_cluster.kubectl("apply", "-n", APP_NAMESPACE, "-f", str(EXAMPLES / "storage" / "tiny-model-volume.yaml"))
     kind_cluster.kubectl(
         "wait", "-n", APP_NAMESPACE, "--for=condition=Ready", "pod/llmep-model-loader", "--timeout=300s"
     )

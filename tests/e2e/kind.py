@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,12 +95,15 @@ def kuberay_kustomization(namespace: str) -> Path:
     built-in kustomize.
     """
     folder = Path(tempfile.mkdtemp(prefix="llmep-kuberay-"))
-    base = kuberay_module_dir() / "config" / "default"
+    # kustomize takes only relative bases: a copy of the module's config/ beside the overlay.
+    shutil.copytree(kuberay_module_dir() / "config", folder / "config")
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)  # the module cache is read-only
     (folder / "kustomization.yaml").write_text(
         "apiVersion: kustomize.config.k8s.io/v1beta1\n"
         "kind: Kustomization\n"
         f"namespace: {namespace}\n"
-        f"resources:\n  - {base}\n"
+        "resources:\n  - config/default\n"
     )
     return folder
 
