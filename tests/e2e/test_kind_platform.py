@@ -104,9 +104,10 @@ def test_an_endpoint_makes_kuberay_start_ray_head_and_worker_from_the_serving_im
 
     def worker_joined():
         out = kind_cluster.kubectl("exec", "-n", APP_NAMESPACE, head, "-c", "ray-head", "--", "ray", "status")
-        active = re.search(r"Active:\n(.*?)\n(?:Idle|Pending):", out, re.S)
-        nodes = re.findall(r"\d+ (?:node_|ray\.)", active.group(1)) if active else []
-        return out if len(nodes) >= 2 else None
+        # "Active:" and "Idle:" list node groups as " <count> <group>"; the head is one of them.
+        listed = re.search(r"^Active:\n(.*?)^Pending:", out, re.M | re.S)
+        counts = re.findall(r"^ (\d+) (\S+)$", listed.group(1), re.M) if listed else []
+        return out if sum(int(n) for n, group in counts if group != "headgroup") >= 1 else None
 
     status = wait_for("`ray status` in the head to list the worker as active", worker_joined, timeout=600, interval=5)
     print(status)
