@@ -25,7 +25,7 @@ from tests.e2e.kind import (
     Images,
     kind_binary,
     kubectl_binary,
-    kuberay_kustomization,
+    kuberay_manifests,
     run_step,
 )
 from tests.helm import CHART, helm
@@ -100,7 +100,7 @@ def kind_cluster(images: Images) -> Iterator[KindCluster]:
 @pytest.fixture(scope="session")
 def kuberay(kind_cluster: KindCluster) -> str:
     """KubeRay's operator from its own manifests, with the image built here; returns its namespace."""
-    manifest = kind_cluster.kubectl("kustomize", str(kuberay_kustomization(KUBERAY_NAMESPACE)))
+    manifest = kuberay_manifests(KUBERAY_NAMESPACE)
     kind_cluster.kubectl("create", "namespace", KUBERAY_NAMESPACE)
     kind_cluster.kubectl("apply", "--server-side", "-f", "-", input=manifest)
     kind_cluster.kubectl("rollout", "status", "deployment/kuberay-operator", "-n", KUBERAY_NAMESPACE, "--timeout=300s")

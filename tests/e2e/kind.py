@@ -8,12 +8,9 @@ hack/kind-node-image, hack/local-cluster build), each idempotent, so the tier ca
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,34 +75,16 @@ def kubectl_binary() -> Path:
     return rig_bin_dir() / "kubectl"
 
 
-def kuberay_module_dir() -> Path:
-    env = {**os.environ, "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"}
-    module = f"github.com/ray-project/kuberay/ray-operator@{pins()['KUBERAY_VERSION']}"
-    out = subprocess.run(
-        ["go", "mod", "download", "-json", module], capture_output=True, text=True, env=env, check=True, timeout=300
+def kuberay_manifests(namespace: str) -> str:
+    """KubeRay's own operator manifests in `namespace` (hack/kuberay-manifests)."""
+    return subprocess.run(
+        [str(REPO_ROOT / "hack" / "kuberay-manifests"), namespace],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+        env={**os.environ, "KUBECTL": str(kubectl_binary())},
     ).stdout
-    return Path(json.loads(out)["Dir"])
-
-
-def kuberay_kustomization(namespace: str) -> Path:
-    """KubeRay's own manifests (the module's config/default), in `namespace`.
-
-    KubeRay's Helm chart lives outside its Go module and no chart repository is reachable here;
-    config/default is the same operator Deployment, RBAC and CRDs, installed with kubectl's
-    built-in kustomize.
-    """
-    folder = Path(tempfile.mkdtemp(prefix="llmep-kuberay-"))
-    # kustomize takes only relative bases: a copy of the module's config/ beside the overlay.
-    shutil.copytree(kuberay_module_dir() / "config", folder / "config")
-    for path in folder.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)  # the module cache is read-only
-    (folder / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
-        "kind: Kustomization\n"
-        f"namespace: {namespace}\n"
-        "resources:\n  - config/default\n"
-    )
-    return folder
 
 
 def wait_for(what: str, check, timeout: float, interval: float = 2.0):
