@@ -106,7 +106,11 @@ def ensure_tiny_model(cache_dir: str | os.PathLike[str] | None = None) -> Path:
             shutil.copytree(made, staging, dirs_exist_ok=True)
         else:
             _write_model(staging)
-        staging.chmod(0o755)  # mkdtemp makes it private; the model is meant to be shared
+        # mkdtemp and safetensors make files private; the model is meant to be shared (copied
+        # into pods that run as another user, mounted read-only into containers).
+        staging.chmod(0o755)
+        for path in staging.iterdir():
+            path.chmod(0o644)
         try:
             staging.rename(target)
         except OSError:
