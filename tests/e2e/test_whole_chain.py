@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 from pytest_kind import KindCluster
+
+from tests.helm import helm
 
 pytestmark = [pytest.mark.timeout(3600)]
 
@@ -150,3 +153,131 @@ def test_keys_from_the_cli_work_within_seconds_and_revoke_stops_them(
         assert time.monotonic() - t0 < 30, "a revoked key still worked after 30 s"
         time.sleep(0.5)
     print(f"[e2e] revoked key refused after {time.monotonic() - t0:.1f}s")
+
+
+class RequestLoop:
+    """Non-streaming chat requests one after another through the gateway, counting outcomes."""
+
+    def __init__(self, base_url: str, api_key: str):
+        from openai import OpenAI
+
+        # The SDK's default retries only (2, on connection errors and 5xx), as an application has.
+        self.client = OpenAI(base_url=base_url, api_key=api_key, timeout=120)
+        self.ok = 0
+        self.failed: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                reply = self.client.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": "Say hello."}], max_tokens=4
+                )
+                assert reply.choices[0].message.content is not None
+                self.ok += 1
+            except Exception as error:  # noqa: BLE001 - every failure is counted and reported
+                self.failed.append(f"{type(error).__name__}: {error}"[:300])
+
+    def __enter__(self) -> RequestLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=180)
+
+
+def serve_app_settled(cluster: KindCluster, max_model_len: int) -> bool:
+    """The RayService's Serve app runs the new config and no replica is starting or stopping."""
+    rs = json.loads(cluster.kubectl("get", "rayservice", "tiny", "-n", APP_NAMESPACE, "-o", "json"))
+    if f"max_model_len: {max_model_len}" not in rs["spec"]["serveConfigV2"]:
+        return False
+    app = ((rs.get("status") or {}).get("activeServiceStatus") or {}).get("applicationStatuses", {}).get("llm", {})
+    deployments = app.get("serveDeploymentStatuses") or {}
+    return app.get("status") == "RUNNING" and all(d.get("status") == "HEALTHY" for d in deployments.values())
+
+
+def test_a_spec_change_rolls_out_while_requests_keep_succeeding(
+    kind_cluster: KindCluster, ready_endpoint: dict, gateway_url: str, api_key: str
+):
+    with RequestLoop(gateway_url, api_key) as load:
+        wait_for_count(load, 3)
+        before = load.ok
+        kind_cluster.kubectl(
+            "patch",
+            "llmendpoint",
+            "tiny",
+            "-n",
+            APP_NAMESPACE,
+            "--type=merge",
+            "-p",
+            '{"spec": {"engine": {"maxModelLen": 192}}}',
+        )
+        t0 = time.monotonic()
+        while not serve_app_settled(kind_cluster, 192):
+            assert time.monotonic() - t0 < 900, "the new engine config did not roll out in 15 minutes"
+            time.sleep(2)
+        rolled = time.monotonic() - t0
+        wait_for_count(load, load.ok + 3)
+    print(
+        f"\n[e2e] rollout of maxModelLen 256 -> 192 took {rolled:.0f}s: {load.ok} requests ok "
+        f"({load.ok - before} during and after the change), {len(load.failed)} failed"
+    )
+    assert load.failed == [], load.failed[:5]
+    assert ready_condition(kind_cluster, "tiny").get("status") == "True"
+
+
+def wait_for_count(load: RequestLoop, count: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while load.ok < count:
+        assert time.monotonic() < deadline, f"only {load.ok} requests answered; failures: {load.failed[:3]}"
+        assert len(load.failed) < 20, load.failed[:5]
+        time.sleep(0.2)
+
+
+def test_deleting_the_endpoint_removes_every_child(kind_cluster: KindCluster, ready_endpoint: dict):
+    kind_cluster.kubectl("delete", "llmendpoint", "tiny", "-n", APP_NAMESPACE, "--wait=true", "--timeout=300s")
+
+    def leftovers():
+        found = kind_cluster.kubectl(
+            "get",
+            "rayservices,rayclusters,services,pods,configmaps",
+            "-n",
+            APP_NAMESPACE,
+            "-l",
+            "llmep.io/endpoint=tiny",
+            "-o",
+            "name",
+        ).split()
+        return found or None
+
+    deadline = time.monotonic() + 300
+    while (left := leftovers()) is not None:
+        assert time.monotonic() < deadline, f"children left 300 s after deleting the endpoint: {left}"
+        time.sleep(2)
+
+
+def test_helm_uninstall_leaves_no_llmep_object(kind_cluster: KindCluster, llmep_release: str):
+    for key in ("e2e-all", "e2e-other"):
+        llmep_cli(kind_cluster, "keys", "revoke", key, "-n", llmep_release)
+    helm(
+        "uninstall",
+        "llmep",
+        "-n",
+        llmep_release,
+        "--wait",
+        "--timeout",
+        "300s",
+        kubeconfig=Path(kind_cluster.kubeconfig_path),
+        timeout=400,
+    )
+    crds = kind_cluster.kubectl("get", "crds", "-o", "name").split()
+    assert not [c for c in crds if "llmep.io" in c], crds
+    cluster_wide = kind_cluster.kubectl("get", "clusterroles,clusterrolebindings", "-o", "name").split()
+    assert not [o for o in cluster_wide if "llmep" in o], cluster_wide
+    namespaced = kind_cluster.kubectl(
+        "get", "all,configmaps,secrets,serviceaccounts,roles,rolebindings", "-n", llmep_release, "-o", "name"
+    ).split()
+    # Kubernetes' own objects of every namespace stay: the root CA ConfigMap, the default SA.
+    assert [o for o in namespaced if o not in ("configmap/kube-root-ca.crt", "serviceaccount/default")] == []
