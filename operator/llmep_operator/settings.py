@@ -116,7 +116,9 @@ def default_profiles() -> dict[str, ResourceProfile]:
             image=DEFAULT_CPU_RAY_IMAGE,
             # enforce_eager skips torch.compile warm-up (about 50 s per engine on 2 cores).
             engine_defaults={"dtype": "float32", "distributed_executor_backend": "mp", "enforce_eager": True},
-            env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+            # The sampler's torch.compile needs a C++ compiler at run time, which the serving-cpu
+            # image does not carry ("InvalidCxxCompiler" on the first sampled request).
+            env={"VLLM_CPU_KVCACHE_SPACE": "1", "TORCH_COMPILE_DISABLE": "1"},
             stream_batching_interval_ms=0,
         ),
     }

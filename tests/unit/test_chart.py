@@ -83,7 +83,7 @@ def test_rendered_settings_load_into_operator_settings(values_file, tmp_path, mo
     cpu = settings.profiles["cpu"]
     assert cpu.is_cpu
     assert cpu.engine_defaults.items() >= {"dtype": "float32", "distributed_executor_backend": "mp"}.items()
-    assert cpu.env == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    assert cpu.env == {"VLLM_CPU_KVCACHE_SPACE": "1", "TORCH_COMPILE_DISABLE": "1"}
     assert cpu.stream_batching_interval_ms == 0
 
 
