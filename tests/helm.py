@@ -64,17 +64,26 @@ def helm(
     return proc
 
 
+def versions() -> dict[str, str]:
+    """The pins of hack/versions.env (KEY=VALUE lines)."""
+    pins = {}
+    for line in (REPO_ROOT / "hack" / "versions.env").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not key.strip().startswith("#"):
+            pins[key.strip()] = value.strip().strip('"')
+    return pins
+
+
 def kube_version() -> str:
     """The rig's Kubernetes version (hack/versions.env), for commands that render offline.
 
     `helm template` and `helm lint` otherwise assume the Kubernetes version compiled into helm,
     which a build without helm's chartutil version ldflags reports as v1.20.0.
     """
-    for line in (REPO_ROOT / "hack" / "versions.env").read_text().splitlines():
-        key, _, value = line.partition("=")
-        if key.strip() == "KUBERNETES_VERSION":
-            return value.strip().strip('"')
-    raise AssertionError("hack/versions.env has no KUBERNETES_VERSION")
+    version = versions().get("KUBERNETES_VERSION")
+    if not version:
+        raise AssertionError("hack/versions.env has no KUBERNETES_VERSION")
+    return version
 
 
 def value_args(values_file: Path | None = None, sets: dict[str, str] | None = None) -> list[str]:

@@ -12,10 +12,11 @@ import os
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.helm import REPO_ROOT, kube_version, rig_bin_dir
+from tests.helm import REPO_ROOT, kube_version, rig_bin_dir, versions
 
 KIND_CONFIG = REPO_ROOT / "kind-config.yaml"
 CLUSTER_NAME = "llmep-e2e"
@@ -24,20 +25,8 @@ KEEP_ENV = "LLMEP_KEEP_KIND"
 DOCKER_UNAVAILABLE = 3  # hack/docker-engine's exit status when no Docker can be had at all
 
 
-def pins() -> dict[str, str]:
-    values = {}
-    for line in (REPO_ROOT / "hack" / "versions.env").read_text().splitlines():
-        key, sep, value = line.partition("=")
-        if sep and not key.strip().startswith("#"):
-            values[key.strip()] = value.strip().strip('"')
-    return values
-
-
 def project_version() -> str:
-    for line in (REPO_ROOT / "pyproject.toml").read_text().splitlines():
-        if line.startswith("version = "):
-            return line.split("=", 1)[1].strip().strip('"')
-    raise AssertionError("pyproject.toml has no version")
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 
 @dataclass(frozen=True)
@@ -49,11 +38,11 @@ class Images:
 
     @classmethod
     def pinned(cls) -> Images:
-        version, versions = project_version(), pins()
+        version, pins = project_version(), versions()
         return cls(
             llmep=f"ghcr.io/llmep/llmep:{version}",
             serving=f"ghcr.io/llmep/llmep-serving-cpu:{version}",
-            kuberay=f"quay.io/kuberay/operator:{versions['KUBERAY_VERSION']}",
+            kuberay=f"quay.io/kuberay/operator:{pins['KUBERAY_VERSION']}",
             node=f"llmep/kind-node:{kube_version()}",
         )
 
