@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 # (apiVersion, kind) -> URL path segments for the few kinds the operator manages.
 _RESOURCES = {
     ("ray.io/v1", "RayService"): ("/apis/ray.io/v1", "rayservices"),
+    ("ray.io/v1", "RayCluster"): ("/apis/ray.io/v1", "rayclusters"),
     ("v1", "Service"): ("/api/v1", "services"),
     ("v1", "PersistentVolumeClaim"): ("/api/v1", "persistentvolumeclaims"),
     (f"{GROUP}/{VERSION}", KIND): (f"/apis/{GROUP}/{VERSION}", PLURAL),
@@ -81,6 +82,12 @@ class Kube:
         path = self._path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
         query = [("fieldManager", self.field_manager), ("force", "true")]
         return self._call("PATCH", path, obj, query, "application/apply-patch+yaml")
+
+    def json_patch(self, api_version: str, kind: str, namespace: str, name: str, ops: list[dict[str, Any]]) -> None:
+        """An RFC 6902 patch: the only way to change one list item without owning the whole list."""
+        self._call(
+            "PATCH", self._path(api_version, kind, namespace, name), ops, content_type="application/json-patch+json"
+        )
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:

@@ -19,6 +19,7 @@ from llmep_operator.render import make_plan
 from llmep_operator.render.rayservice import RAY_API_VERSION, children_for
 from llmep_operator.settings import OperatorSettings
 from llmep_operator.status import Observation, build_status, ready_transition
+from llmep_operator.worker_bounds import bounds_patch, cluster_names, wanted_bounds
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,18 @@ def _observation(body: dict[str, Any], settings: OperatorSettings) -> tuple[Obse
 def _observe_cluster(kube: Kube, obs: Observation, namespace: str, name: str, rayservice: dict | None = None) -> None:
     obs.rayservice = rayservice or kube.get(RAY_API_VERSION, "RayService", namespace, naming.rayservice_name(name))
     obs.pods = kube.pods_of(namespace, name)
+
+
+def _sync_worker_bounds(kube: Kube, rayservice: dict[str, Any]) -> None:
+    """Give the running RayClusters the RayService's worker bounds (KubeRay leaves them as they were)."""
+    namespace = rayservice["metadata"]["namespace"]
+    wanted = wanted_bounds(rayservice)
+    for name in cluster_names(rayservice):
+        cluster = kube.get(RAY_API_VERSION, "RayCluster", namespace, name)
+        ops = bounds_patch(cluster, wanted) if cluster else []
+        if ops:
+            log.info("setting worker bounds of RayCluster %s/%s: %s", namespace, name, ops)
+            kube.json_patch(RAY_API_VERSION, "RayCluster", namespace, name, ops)
 
 
 def _write_status(kube: Kube, body: dict[str, Any], obs: Observation) -> dict[str, Any]:
@@ -84,6 +97,8 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> d
             raise
         if child["kind"] == "RayService":
             applied_rayservice = result
+    if applied_rayservice:
+        _sync_worker_bounds(kube, applied_rayservice)
     _observe_cluster(kube, obs, meta["namespace"], meta["name"], applied_rayservice)
     return _write_status(kube, body, obs)
 

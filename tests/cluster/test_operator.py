@@ -187,6 +187,38 @@ def test_engine_change_updates_rayservice_in_place_and_hand_edits_are_corrected(
         )
 
 
+def _ray_cluster(cluster, namespace, endpoint):
+    """The RayCluster KubeRay runs for the endpoint (the pending one until Serve answers)."""
+    status = _rayservice(cluster, namespace, endpoint).get("status") or {}
+    for key in ("activeServiceStatus", "pendingServiceStatus"):
+        name = (status.get(key) or {}).get("rayClusterName")
+        if name:
+            return cluster.custom.get_namespaced_custom_object("ray.io", "v1", namespace, "rayclusters", name)
+    return None
+
+
+def test_autoscaling_bounds_reach_the_running_raycluster(cluster, namespace, operator):
+    """KubeRay leaves a running RayCluster's worker bounds alone; the operator carries them over."""
+    with operator():
+        cluster.apply(_endpoint("bounds", autoscaling={"minReplicas": 1, "maxReplicas": 2}), namespace)
+        first = wait_until(lambda: _ray_cluster(cluster, namespace, "bounds"), timeout=120, message="a RayCluster")
+        group = first["spec"]["workerGroupSpecs"][0]
+        assert (group["minReplicas"], group["maxReplicas"]) == (1, 2)
+        cluster.apply(_endpoint("bounds", autoscaling={"minReplicas": 0, "maxReplicas": 3}), namespace)
+
+        def bounds():
+            current = _ray_cluster(cluster, namespace, "bounds")
+            group = current["spec"]["workerGroupSpecs"][0]
+            return (group["minReplicas"], group["maxReplicas"], current["metadata"]["uid"])
+
+        low, high, uid = wait_until(
+            lambda: (b := bounds())[:2] == (0, 3) and b,
+            timeout=60,
+            message=lambda: f"worker bounds (0, 3) on the RayCluster; now {bounds()[:2]}",
+        )
+        assert uid == first["metadata"]["uid"], "the bounds change must not replace the RayCluster"
+
+
 def test_unknown_profile_is_invalid_spec_with_event_and_nothing_built(cluster, namespace, operator):
     with operator() as runner:
         cluster.apply(_endpoint("bad", resources={"profile": "tpu-v5"}), namespace)

@@ -124,6 +124,10 @@ seccompProfile:
   resources: [rayservices]
   # Server-side apply is a PATCH; one that creates the object is also authorised as create.
   verbs: [get, list, watch, create, patch]
+- apiGroups: [ray.io]
+  # KubeRay leaves a running RayCluster's worker bounds as they were: the operator patches them.
+  resources: [rayclusters]
+  verbs: [get, patch]
 - apiGroups: [""]
   resources: [services, persistentvolumeclaims]
   verbs: [get, list, watch, create, patch]
