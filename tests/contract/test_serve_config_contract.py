@@ -94,3 +94,14 @@ def test_cpu_profile_resolves_to_a_cpu_engine():
     llm = LLMConfig.model_validate(config["applications"][0]["args"]["llm_configs"][0])
     assert llm.accelerator_config.kind == "cpu"
     assert llm.engine_kwargs["dtype"] == "float32"
+
+
+def test_scale_to_zero_ingress_follows_the_endpoints_delays_in_rays_builder():
+    """Ray's own builder scales the OpenAI ingress to zero with the model; its downscale delay
+    must be the endpoint's, or the worker that hosts it stays up for Ray's 600 s default."""
+    from ray.serve.llm import build_openai_app
+
+    endpoint = _endpoint({"autoscaling": {"minReplicas": 0, "scaleDownDelaySeconds": 30}})
+    app = build_openai_app(build_serve_config(endpoint, SETTINGS)["applications"][0]["args"])
+    ingress = app._bound_deployment._deployment_config.autoscaling_config  # what Serve will run
+    assert (ingress.min_replicas, ingress.downscale_delay_s, ingress.upscale_delay_s) == (0, 30, 5)

@@ -81,13 +81,26 @@ def build_llm_config(plan: ServingPlan) -> dict[str, Any]:
     return config
 
 
-def build_application(plan: ServingPlan) -> dict[str, Any]:
+def _ingress_deployment_config(plan: ServingPlan) -> dict[str, Any] | None:
+    """With minReplicas 0, Ray scales the OpenAI ingress to zero too, but after its own 600 s
+    default: give it the model's delays, so an idle worker is freed on the endpoint's schedule."""
+    scaling = plan.endpoint.spec.autoscaling
+    if scaling.min_replicas > 0:
+        return None
     return {
-        "name": naming.APP_NAME,
-        "route_prefix": "/",
-        "import_path": IMPORT_PATH,
-        "args": {"llm_configs": [build_llm_config(plan)]},
+        "autoscaling_config": {
+            "upscale_delay_s": scaling.scale_up_delay_seconds,
+            "downscale_delay_s": scaling.scale_down_delay_seconds,
+        }
     }
+
+
+def build_application(plan: ServingPlan) -> dict[str, Any]:
+    args: dict[str, Any] = {"llm_configs": [build_llm_config(plan)]}
+    ingress = _ingress_deployment_config(plan)
+    if ingress:
+        args["ingress_deployment_config"] = ingress
+    return {"name": naming.APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": args}
 
 
 def build_serve_config(endpoint: LLMEndpoint, settings: OperatorSettings) -> dict[str, Any]:
