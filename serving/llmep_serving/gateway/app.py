@@ -101,6 +101,7 @@ class Gateway:
         self.keys = keys
         self.metrics = metrics
         self.serve_metrics = serve_metrics
+        self.draining = False  # set on SIGTERM: /readyz fails while requests are still served
         self.session: aiohttp.ClientSession | None = None
         self._fresh: aiohttp.ClientSession | None = None  # for retries: never a pooled connection
         self._per_key: dict[str, int] = {}
@@ -157,6 +158,10 @@ class Gateway:
             if path == "/healthz":
                 return web.Response(body=b'{"status":"ok"}', headers=JSON_HEADERS)
             if path == "/readyz":
+                if self.draining:
+                    return web.Response(
+                        body=b'{"status":"draining"}', status=503, headers=JSON_HEADERS
+                    )
                 if self.routes.loaded and self.keys.loaded:
                     return web.Response(body=b'{"status":"ready"}', headers=JSON_HEADERS)
                 return web.Response(

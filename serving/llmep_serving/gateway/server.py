@@ -193,6 +193,13 @@ class GatewayServer:
             )
             self._kube.start(asyncio.get_running_loop())
 
+    async def drain(self) -> None:
+        """Fail readiness but keep serving for drain_seconds: the endpoint leaves every
+        Service (and kube-proxy's rules) before the listener closes, so no client is refused."""
+        self.gateway.draining = True
+        log.info("draining for %.1fs before stopping", self.settings.drain_seconds)
+        await asyncio.sleep(self.settings.drain_seconds)
+
     async def stop(self) -> None:
         if self._kube is not None:
             self._kube.stop()
@@ -213,7 +220,7 @@ def tune_gc() -> None:
 
 
 async def serve(settings: GatewaySettings) -> None:
-    """Run until SIGTERM or SIGINT, then finish in-flight requests and stop."""
+    """Run until SIGTERM or SIGINT, then drain, finish in-flight requests and stop."""
     server = GatewayServer(settings)
     await server.start()
     tune_gc()
@@ -223,6 +230,7 @@ async def serve(settings: GatewaySettings) -> None:
         loop.add_signal_handler(signum, stop.set)
     try:
         await stop.wait()
+        await server.drain()
     finally:
         await server.stop()
 

@@ -77,6 +77,12 @@ class GatewaySettings(BaseSettings):
     hold_queue_size: int = Field(
         256, ge=0, description="Requests held per model at most; beyond that 503."
     )
+    drain_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="After SIGTERM: seconds /readyz answers 503 while requests are still served, "
+        "so Services stop sending new connections before the listener closes.",
+    )
     hold_keepalive_interval: float = Field(
         5.0, gt=0, description="Seconds between SSE keep-alive comments to held streams."
     )

@@ -7,6 +7,7 @@ Ray Serve + vLLM path is covered in tests/serving.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import aiohttp
@@ -82,3 +83,23 @@ async def test_with_every_replica_down_the_answer_is_502_backend_unavailable(gat
         async with session.post(f"{gw.url}/chat/completions", json=CHAT) as resp:
             assert resp.status == 502
             assert (await resp.json())["error"]["code"] == "backend_unavailable"
+
+
+@pytest.mark.asyncio
+async def test_draining_gateway_fails_readiness_and_still_answers(backend_factory, gateway_factory):
+    """After SIGTERM the pod leaves the Service (readiness fails) while it still serves what arrives."""
+    backend = await backend_factory("b")
+    gw = await gateway_factory([{"models": ["m"], "url": backend.url}], drain_seconds=30)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{gw.root}/readyz") as resp:
+            assert resp.status == 200
+        drain = asyncio.create_task(gw.server.drain())
+        try:
+            await asyncio.sleep(0)  # let drain() mark the gateway
+            async with session.get(f"{gw.root}/readyz") as resp:
+                assert (resp.status, await resp.json()) == (503, {"status": "draining"})
+            async with session.post(f"{gw.url}/chat/completions", json=CHAT) as resp:
+                assert resp.status == 200
+            assert not drain.done()
+        finally:
+            drain.cancel()
