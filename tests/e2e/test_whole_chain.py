@@ -11,13 +11,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from pytest_kind import KindCluster
 
+from tests.e2e.kind import wait_for
 from tests.helm import helm
 
 pytestmark = [pytest.mark.timeout(3600)]
@@ -47,9 +47,13 @@ def ready_endpoint(kind_cluster: KindCluster, tiny_endpoint: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def gateway_url(kind_cluster: KindCluster, llmep_release: str) -> Iterator[str]:
-    with kind_cluster.port_forward("service/llmep-gateway", 80, "-n", llmep_release) as port:
-        yield f"http://127.0.0.1:{port}/v1"
+def gateway_url(kind_cluster: KindCluster, llmep_release: str) -> str:
+    """The gateway's Service as a host reaches it: its NodePort on the kind node's address
+    (charts/llmep/ci/values-kind.yaml), so no port-forward is tied to one gateway pod."""
+    node = json.loads(kind_cluster.kubectl("get", "nodes", "-o", "json"))["items"][0]
+    address = next(a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP")
+    service = json.loads(kind_cluster.kubectl("get", "service", "llmep-gateway", "-n", llmep_release, "-o", "json"))
+    return f"http://{address}:{service['spec']['ports'][0]['nodePort']}/v1"
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +239,61 @@ def wait_for_count(load: RequestLoop, count: int, timeout: float = 300) -> None:
         assert time.monotonic() < deadline, f"only {load.ok} requests answered; failures: {load.failed[:3]}"
         assert len(load.failed) < 20, load.failed[:5]
         time.sleep(0.2)
+
+
+def running_pods(cluster: KindCluster, namespace: str, selector: str) -> list[str]:
+    """Names of the pods that match `selector` and are not terminating."""
+    pods = json.loads(cluster.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json"))["items"]
+    return sorted(p["metadata"]["name"] for p in pods if not p["metadata"].get("deletionTimestamp"))
+
+
+def test_operator_and_gateway_pods_deleted_under_load(
+    kind_cluster: KindCluster, ready_endpoint: dict, gateway_url: str, api_key: str, llmep_release: str
+):
+    replaced = []
+    with RequestLoop(gateway_url, api_key) as load:
+        wait_for_count(load, 3)
+        for component in ("operator", "gateway", "gateway"):
+            victim = running_pods(kind_cluster, llmep_release, f"app.kubernetes.io/component={component}")[0]
+            kind_cluster.kubectl("delete", "pod", victim, "-n", llmep_release, "--wait=true", "--timeout=180s")
+            kind_cluster.kubectl(
+                "rollout", "status", f"deployment/llmep-{component}", "-n", llmep_release, "--timeout=300s"
+            )
+            replaced.append(victim)
+            wait_for_count(load, load.ok + 3)
+    print(f"\n[e2e] deleted {', '.join(replaced)} under load: {load.ok} requests ok, {len(load.failed)} failed")
+    assert load.failed == [], load.failed[:5]
+    assert ready_condition(kind_cluster, "tiny").get("status") == "True"
+
+
+def test_scaled_to_zero_a_request_is_held_and_answered(
+    kind_cluster: KindCluster, ready_endpoint: dict, gateway_url: str, api_key: str
+):
+    from openai import OpenAI
+
+    workers = "llmep.io/endpoint=tiny,ray.io/node-type=worker"
+    patch = '{"spec": {"autoscaling": {"minReplicas": 0, "scaleDownDelaySeconds": 10}}}'
+    kind_cluster.kubectl("patch", "llmendpoint", "tiny", "-n", APP_NAMESPACE, "--type=merge", "-p", patch)
+    t0 = time.monotonic()
+
+    def scaled_to_zero():
+        ready = ready_condition(kind_cluster, "tiny")
+        idle = ready.get("reason") == "ScaledToZero" and not running_pods(kind_cluster, APP_NAMESPACE, workers)
+        return ready if idle else None
+
+    ready = wait_for("Ready reason ScaledToZero and no worker pod", scaled_to_zero, timeout=900, interval=3)
+    print(f"\n[e2e] scaled to zero {time.monotonic() - t0:.0f}s after minReplicas 0: {ready['message']}")
+    assert ready["status"] == "True"
+    client = OpenAI(base_url=gateway_url, api_key=api_key, timeout=900, max_retries=0)
+    t1 = time.monotonic()
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0
+    )
+    cold_start = time.monotonic() - t1
+    answer = reply.choices[0].message.content
+    print(f"[e2e] cold start: the held request was answered after {cold_start:.0f}s: {answer!r}")
+    assert answer.strip()
+    assert running_pods(kind_cluster, APP_NAMESPACE, workers), "the answer came without a worker pod"
 
 
 def test_deleting_the_endpoint_removes_every_child(kind_cluster: KindCluster, ready_endpoint: dict):
