@@ -101,7 +101,7 @@ def kind_cluster(images: Images) -> Iterator[KindCluster]:
 def kuberay(kind_cluster: KindCluster) -> str:
     """KubeRay's operator from its own manifests, with the image built here; returns its namespace."""
     manifest = kuberay_manifests(KUBERAY_NAMESPACE)
-    kind_cluster.kubectl("create", "namespace", KUBERAY_NAMESPACE)
+    kind_cluster.kubectl("apply", "-f", "-", input=f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {KUBERAY_NAMESPACE}}}\n")
     kind_cluster.kubectl("apply", "--server-side", "-f", "-", input=manifest)
     kind_cluster.kubectl("rollout", "status", "deployment/kuberay-operator", "-n", KUBERAY_NAMESPACE, "--timeout=300s")
     return KUBERAY_NAMESPACE
@@ -109,9 +109,11 @@ def kuberay(kind_cluster: KindCluster) -> str:
 
 @pytest.fixture(scope="session")
 def llmep_release(kind_cluster: KindCluster, kuberay: str) -> str:
-    """`helm install` of charts/llmep with the kind values and the images built here."""
+    """`helm upgrade --install` of charts/llmep with the kind values and the images built here
+    (upgrade: a cluster kept with LLMEP_KEEP_KIND=1 gets this checkout's chart)."""
     helm(
-        "install",
+        "upgrade",
+        "--install",
         "llmep",
         str(CHART),
         "--namespace",
