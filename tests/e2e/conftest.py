@@ -101,7 +101,8 @@ def kind_cluster(images: Images) -> Iterator[KindCluster]:
 def kuberay(kind_cluster: KindCluster) -> str:
     """KubeRay's operator from its own manifests, with the image built here; returns its namespace."""
     manifest = kuberay_manifests(KUBERAY_NAMESPACE)
-    kind_cluster.kubectl("apply", "-f", "-", input=f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {KUBERAY_NAMESPACE}}}\n")
+    namespace = f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {KUBERAY_NAMESPACE}}}\n"
+    kind_cluster.kubectl("apply", "-f", "-", input=namespace)
     kind_cluster.kubectl("apply", "--server-side", "-f", "-", input=manifest)
     kind_cluster.kubectl("rollout", "status", "deployment/kuberay-operator", "-n", KUBERAY_NAMESPACE, "--timeout=300s")
     return KUBERAY_NAMESPACE
