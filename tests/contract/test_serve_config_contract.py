@@ -9,6 +9,7 @@ import yaml
 
 pytest.importorskip("ray.serve.llm", reason="the contract tier needs ray[serve] from `make setup`")
 
+from ray.serve.config import AutoscalingConfig  # noqa: E402
 from ray.serve.llm import LLMConfig, LLMServingArgs  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
@@ -80,6 +81,9 @@ def test_serve_config_passes_rays_own_validation(endpoint):
     autoscaling = config.deployment_config["autoscaling_config"]
     assert autoscaling["target_ongoing_requests"] == endpoint.spec.autoscaling.target_queue_depth
     assert autoscaling["min_replicas"] == endpoint.spec.autoscaling.min_replicas
+    parsed = AutoscalingConfig.model_validate(autoscaling)  # Serve's own model of the block
+    assert parsed.metrics_interval_s == endpoint.spec.autoscaling.metrics_interval_seconds
+    assert parsed.look_back_period_s == endpoint.spec.autoscaling.look_back_seconds
 
 
 def test_placement_bundles_cover_every_gpu_of_a_multi_node_replica():
@@ -104,4 +108,4 @@ def test_scale_to_zero_ingress_follows_the_endpoints_delays_in_rays_builder():
     endpoint = _endpoint({"autoscaling": {"minReplicas": 0, "scaleDownDelaySeconds": 30}})
     app = build_openai_app(build_serve_config(endpoint, SETTINGS)["applications"][0]["args"])
     ingress = app._bound_deployment._deployment_config.autoscaling_config  # what Serve will run
-    assert (ingress.min_replicas, ingress.downscale_delay_s, ingress.upscale_delay_s) == (0, 30, 5)
+    assert (ingress.min_replicas, ingress.downscale_delay_s, ingress.upscale_delay_s) == (0, 30, 3)

@@ -3,7 +3,7 @@ local Ray cluster with vLLM's CPU build, once for the whole tier.
 
 The application comes from ``llmep_operator.render.build_serve_config`` for an LLMEndpoint with
 the ``cpu`` resource profile, exactly as the operator would put it in a RayService; only the
-model path (a local folder) and two Serve autoscaling knobs the API does not expose are local.
+model path (a local folder) and a short scale-down delay (so the tier ends) are local.
 """
 
 from __future__ import annotations
@@ -28,15 +28,12 @@ MIN_REPLICAS = 1
 # Measured: one replica is ~4 GB RSS (Serve replica 1.0 GB, EngineCore 0.9 GB, worker 2.0 GB with
 # its 1 GiB KV cache), so three fit in 24 GiB beside Ray (~3 GB). With three, both new engines
 # load while the first serves 24 streams on the same 2 cores: RUNNING ~150 s after the step
-# (~110 s with two); the scale decision itself comes ~4 s after the step either way.
+# (~110 s with two); the scale decision itself comes a few seconds after the step either way.
 MAX_REPLICAS = 3
 TARGET_QUEUE_DEPTH = 2
 MAX_ONGOING_REQUESTS = 8
-UPSCALE_DELAY_S = 2
+# The scale-up side (delay, metrics interval, look-back) is the API's default, as rendered.
 DOWNSCALE_DELAY_S = 10
-# Not in the LLMEndpoint API: Serve's defaults (10 s metrics, 30 s look-back) smooth a step
-# over half a minute, which a test should not wait for.
-SERVE_AUTOSCALING_OVERRIDES = {"metrics_interval_s": 1, "look_back_period_s": 2}
 
 ENGINE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
@@ -52,12 +49,9 @@ def build_tiny_application(model_dir: os.PathLike[str] | str) -> dict[str, Any]:
             "maxReplicas": MAX_REPLICAS,
             "targetQueueDepth": TARGET_QUEUE_DEPTH,
             "maxOngoingRequests": MAX_ONGOING_REQUESTS,
-            "scaleUpDelaySeconds": UPSCALE_DELAY_S,
             "scaleDownDelaySeconds": DOWNSCALE_DELAY_S,
         },
     )
-    (llm_config,) = application["args"]["llm_configs"]
-    llm_config["deployment_config"]["autoscaling_config"].update(SERVE_AUTOSCALING_OVERRIDES)
     return application
 
 

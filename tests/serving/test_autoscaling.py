@@ -2,7 +2,8 @@
 add an engine replica, no request fails on the way, and the replica goes away after the load.
 
 The deployment is the operator's serveConfigV2 for the tiny model (see conftest): target 2
-ongoing requests per replica, 1 to MAX_REPLICAS replicas, 2 s upscale delay.
+ongoing requests per replica, 1 to MAX_REPLICAS replicas, the API's scale-up defaults as rendered
+(metrics every 1 s over a 5 s window, 3 s upscale delay).
 """
 
 from __future__ import annotations

@@ -70,6 +70,8 @@ def test_serve_config_is_one_build_openai_app_with_one_llm_config():
         "target_ongoing_requests": 8,
         "upscale_delay_s": 5,
         "downscale_delay_s": 300,
+        "metrics_interval_s": 1,  # responsive defaults: Serve's own are 10 s and 30 s
+        "look_back_period_s": 5,
     }
 
 

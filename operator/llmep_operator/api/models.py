@@ -319,7 +319,7 @@ class AutoscalingSpec(ApiModel):
         ),
     )
     scale_up_delay_seconds: int = Field(
-        default=5,
+        default=3,
         ge=0,
         le=3600,
         description="How long demand must stay above target before replicas are added.",
@@ -331,6 +331,25 @@ class AutoscalingSpec(ApiModel):
         description="How long demand must stay below target before replicas are removed.",
     )
 
+    metrics_interval_seconds: int = Field(
+        default=1,
+        ge=1,
+        le=60,
+        description=(
+            "How often replicas report their queue depth to Ray Serve's autoscaler "
+            "(metrics_interval_s). Serve's own default, 10, delays every decision by up to that much."
+        ),
+    )
+    look_back_seconds: int = Field(
+        default=5,
+        ge=1,
+        le=600,
+        description=(
+            "Window over which the reported queue depth is averaged (look_back_period_s): shorter "
+            "reacts sooner, longer ignores brief spikes. Must be at least metricsIntervalSeconds."
+        ),
+    )
+
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:
         if self.min_replicas > self.max_replicas:
@@ -339,6 +358,11 @@ class AutoscalingSpec(ApiModel):
             raise ValueError(
                 f"maxOngoingRequests ({self.max_ongoing_requests}) must be >= targetQueueDepth "
                 f"({self.target_queue_depth})"
+            )
+        if self.look_back_seconds < self.metrics_interval_seconds:
+            raise ValueError(
+                f"lookBackSeconds ({self.look_back_seconds}) must be >= metricsIntervalSeconds "
+                f"({self.metrics_interval_seconds}): the window must hold at least one report"
             )
         return self
 
@@ -422,6 +446,11 @@ SPEC_CEL_RULES = [
         "self.autoscaling.maxOngoingRequests >= self.autoscaling.targetQueueDepth",
         "autoscaling.maxOngoingRequests must be >= autoscaling.targetQueueDepth",
         ".autoscaling.maxOngoingRequests",
+    ),
+    _cel(
+        "self.autoscaling.lookBackSeconds >= self.autoscaling.metricsIntervalSeconds",
+        "autoscaling.lookBackSeconds must be >= autoscaling.metricsIntervalSeconds",
+        ".autoscaling.lookBackSeconds",
     ),
     _cel(
         "!self.resources.profile.contains(':') || "

@@ -43,6 +43,8 @@ def _autoscaling(plan: ServingPlan) -> dict[str, Any]:
         "target_ongoing_requests": scaling.target_queue_depth,
         "upscale_delay_s": scaling.scale_up_delay_seconds,
         "downscale_delay_s": scaling.scale_down_delay_seconds,
+        "metrics_interval_s": scaling.metrics_interval_seconds,
+        "look_back_period_s": scaling.look_back_seconds,
     }
 
 
