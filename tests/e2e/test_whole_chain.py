@@ -113,6 +113,13 @@ def test_openai_sdk_through_the_gateway(ready_endpoint: dict, gateway_url: str, 
     with pytest.raises(openai.NotFoundError) as unknown:
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
     assert unknown.value.body["code"] == "model_not_found", unknown.value.body
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1000)
+    engine_says = too_long.value.body["message"]
+    print(f"[e2e] over the context: {engine_says!r}")
+    assert "maximum context length" in engine_says, too_long.value.body
+    assert not any(word in engine_says for word in ("Internal exception", "Request ID", "ray.llm")), engine_says
+    assert too_long.value.body["type"] == "invalid_request_error", too_long.value.body
 
 
 def test_keys_from_the_cli_work_within_seconds_and_revoke_stops_them(

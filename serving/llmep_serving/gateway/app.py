@@ -13,6 +13,7 @@ from yarl import URL
 
 from . import errors
 from .auth import ANONYMOUS, ApiKey, KeyStore
+from .backend_errors import clean_error_body
 from .errors import GatewayError
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import GatewayMetrics, ModelMetrics, usage_from
@@ -389,6 +390,7 @@ class Gateway:
                     mm.completion_tokens += usage[1]
             else:
                 self.metrics.error(route.model, f"backend_{status}")
+                data = clean_error_body(data, status)
             if sse is not None:
                 await _end_stream(sse, _as_sse(data, status))
                 mm.duration.observe(asyncio.get_running_loop().time() - started)

@@ -30,6 +30,7 @@ class FakeBackend:
     chunk_delay: float = 0.0
     break_after: int | None = None  # close the connection after this many stream chunks
     delay: float = 0.0  # before answering a non-streaming request
+    error: tuple[int, dict[str, Any]] | None = None  # answer every request with (status, body)
     requests: list[dict[str, Any]] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
@@ -42,6 +43,8 @@ class FakeBackend:
         self.paths.append(request.path_qs)
         self.headers.append(dict(request.headers))
         model = body.get("model")
+        if self.error is not None:
+            return web.json_response(self.error[1], status=self.error[0])
         if request.path.endswith("/embeddings"):
             return web.json_response(
                 {

@@ -156,6 +156,44 @@ async def test_unreachable_backend_is_502_in_the_envelope(backend_factory, gatew
     assert err.value.code == "backend_unavailable"
 
 
+ENGINE_SAYS = (
+    "This model's maximum context length is 256 tokens. However, you requested 300 tokens "
+    "(44 in the messages, 256 in the completion). Please reduce the length of the messages or completion."
+)
+# The shape of ray.llm's get_response_for_error (tests/contract checks it against Ray's own code).
+RAY_WRAPPED = {
+    "error": {
+        "message": f"Message: {ENGINE_SAYS} (Request ID: m-7f3a), Internal exception: "
+        f"ray.llm._internal.serve.core.configs.openai_api_models.OpenAIHTTPException: {ENGINE_SAYS} "
+        f"(Request ID: m-7f3a), original exception: {ENGINE_SAYS}",
+        "type": "OpenAIHTTPException",
+        "param": None,
+        "code": 400,
+    }
+}
+
+
+async def test_engine_errors_reach_the_client_in_the_engines_words(backend_factory, gateway_factory):
+    backend = await backend_factory("ray", error=(400, RAY_WRAPPED))
+    gw = await gateway_factory([{"models": ["m"], "url": backend.url, "ready": True}])
+
+    with pytest.raises(openai.BadRequestError) as err:
+        await client(gw.url).chat.completions.create(model="m", messages=[], max_tokens=256)
+
+    assert err.value.body == {"message": ENGINE_SAYS, "type": "invalid_request_error", "param": None, "code": None}
+
+
+async def test_other_backend_errors_pass_through_untouched(backend_factory, gateway_factory):
+    own = {"error": {"message": "n must be at most 8", "type": "BadRequestError", "param": "n", "code": 400}}
+    backend = await backend_factory("vllm", error=(400, own))
+    gw = await gateway_factory([{"models": ["m"], "url": backend.url, "ready": True}])
+
+    with pytest.raises(openai.BadRequestError) as err:
+        await client(gw.url).chat.completions.create(model="m", messages=[], n=9)
+
+    assert err.value.body == own["error"]
+
+
 async def test_routing_table_changes_apply_without_restart(backend_factory, gateway_factory):
     a = await backend_factory("backend-a")
     b = await backend_factory("backend-b")
