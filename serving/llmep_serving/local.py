@@ -146,6 +146,12 @@ class LocalServe:
                 configure_logging=False,
             )
             self._started_ray = True
+        elif (cpus := ray.cluster_resources().get("CPU", 0)) < self.num_cpus:
+            # Someone else's ray.init (or a library's implicit one) would starve the replicas.
+            raise LocalServeError(
+                f"Ray already runs in this process with {cpus:g} CPUs; {self.app_name!r} needs "
+                f"{self.num_cpus}: call ray.shutdown() before starting LocalServe"
+            )
         self._progress(f"ray up in {time.monotonic() - t0:.1f}s")
         try:
             serve.start(http_options={"host": self.host, "port": self.port})

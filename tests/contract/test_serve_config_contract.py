@@ -102,10 +102,17 @@ def test_cpu_profile_resolves_to_a_cpu_engine():
 
 def test_scale_to_zero_ingress_follows_the_endpoints_delays_in_rays_builder():
     """Ray's own builder scales the OpenAI ingress to zero with the model; its downscale delay
-    must be the endpoint's, or the worker that hosts it stays up for Ray's 600 s default."""
-    from ray.serve.llm import build_openai_app
+    must be the endpoint's, or the worker that hosts it stays up for Ray's 600 s default.
+
+    The ingress options are computed as build_openai_app computes them (its two calls), not by
+    calling it: it starts a local Ray, which would then serve this whole pytest process."""
+    from ray.llm._internal.common.dict_utils import maybe_apply_llm_deployment_config_defaults
+    from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
 
     endpoint = _endpoint({"autoscaling": {"minReplicas": 0, "scaleDownDelaySeconds": 30}})
-    app = build_openai_app(build_serve_config(endpoint, SETTINGS)["applications"][0]["args"])
-    ingress = app._bound_deployment._deployment_config.autoscaling_config  # what Serve will run
+    args = LLMServingArgs.model_validate(build_serve_config(endpoint, SETTINGS)["applications"][0]["args"])
+    options = maybe_apply_llm_deployment_config_defaults(
+        OpenAiIngress.get_deployment_options(args.llm_configs), args.ingress_deployment_config
+    )
+    ingress = AutoscalingConfig.model_validate(options["autoscaling_config"])
     assert (ingress.min_replicas, ingress.downscale_delay_s, ingress.upscale_delay_s) == (0, 30, 3)

@@ -117,7 +117,7 @@ def test_openai_sdk_through_the_gateway(ready_endpoint: dict, gateway_url: str, 
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1000)
     engine_says = too_long.value.body["message"]
     print(f"[e2e] over the context: {engine_says!r}")
-    assert "maximum context length" in engine_says, too_long.value.body
+    assert "max_tokens=1000" in engine_says and "max_model_len" in engine_says, too_long.value.body
     assert not any(word in engine_says for word in ("Internal exception", "Request ID", "ray.llm")), engine_says
     assert too_long.value.body["type"] == "invalid_request_error", too_long.value.body
 

@@ -108,3 +108,12 @@ def test_unknown_model_is_not_found(client):
     # Serve's ingress answers FastAPI's {"detail": ...}, not OpenAI's error envelope; the
     # gateway is what turns it into one.
     assert "no-such-model" in caught.value.response.text
+
+
+def test_max_tokens_past_the_context_is_a_400_naming_the_limit(client):
+    """The engine refuses it as a client error; the gateway later strips Ray's wrapping of the
+    message (tests/contract/test_engine_error_contract.py, tests/e2e)."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=SERVED_NAME, messages=MESSAGES, max_tokens=100_000)
+    text = caught.value.response.text
+    assert "max_tokens=100000" in text and "max_model_len" in text, text
