@@ -166,6 +166,25 @@ class OperatorSettings(BaseSettings):
         default="svc", description="Suffix of in-cluster service URLs (svc or svc.cluster.local)."
     )
     serve_port: int = Field(default=8000, description="Ray Serve's HTTP port.")
+    serving_path: Literal["direct", "proxy"] = Field(
+        default="direct",
+        description=(
+            "How requests reach vLLM inside the Ray cluster. direct: HAProxy on each Ray node sends"
+            " every request straight to the replica serving vLLM's own HTTP app (Ray Serve's HAProxy"
+            " ingress and direct streaming; Ray >= 2.60 images only). proxy: Serve's Python proxy and"
+            " OpenAI ingress replica relay every token (slower; for older Ray images)."
+        ),
+    )
+    haproxy_threads: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "HAProxy threads per Ray node on the direct path (RAY_SERVE_HAPROXY_NBTHREAD; Ray's own"
+            " default is 4). One thread relays thousands of requests a second, far beyond what a"
+            " node's engines answer, and leaves the cores to them."
+        ),
+    )
 
     @model_validator(mode="after")
     def _default_profile_exists(self) -> OperatorSettings:

@@ -100,6 +100,44 @@ def test_cpu_profile_resolves_to_a_cpu_engine():
     assert llm.engine_kwargs["dtype"] == "float32"
 
 
+@pytest.mark.parametrize("endpoint", list(_cases()))
+def test_direct_path_passes_rays_direct_streaming_checks(endpoint):
+    """build_openai_app refuses, under direct streaming, more than one model, an ingress
+    deployment config and a custom ingress class: the rendered args must pass its own check."""
+    from ray.llm._internal.serve.core.ingress.builder import _validate_direct_streaming_ingress_config
+
+    args = LLMServingArgs.model_validate(build_serve_config(endpoint, SETTINGS)["applications"][0]["args"])
+    assert len(args.llm_configs) == 1
+    _validate_direct_streaming_ingress_config(args.ingress_deployment_config, args.ingress_cls_config)
+
+
+def test_prefix_cache_affinity_names_a_router_serve_can_load():
+    from ray.serve.config import RequestRouterConfig
+    from ray.serve.llm.request_router import PrefixCacheAffinityRouter
+
+    endpoint = _endpoint({"routing": {"policy": "PrefixCacheAffinity"}, "autoscaling": {"maxReplicas": 2}})
+    llm = LLMConfig.model_validate(build_serve_config(endpoint, SETTINGS)["applications"][0]["args"]["llm_configs"][0])
+    router = RequestRouterConfig.model_validate(llm.deployment_config["request_router_config"])
+    assert router.get_request_router_class() is PrefixCacheAffinityRouter
+
+
+def test_every_rendered_switch_is_one_ray_reads():
+    """A misspelt variable would be ignored in silence: each name must be one Ray's constants read."""
+    import inspect
+
+    import ray.llm._internal.serve.constants as llm_constants
+    import ray.serve._private.constants as serve_constants
+
+    from llmep_operator.render.serving_path import ray_process_env
+
+    endpoint = _endpoint({"routing": {"policy": "PrefixCacheAffinity"}})
+    read_by_ray = inspect.getsource(serve_constants) + inspect.getsource(llm_constants)
+    names = ray_process_env(endpoint, SETTINGS)
+    assert len(names) == 5
+    for name in names:
+        assert f'"{name}"' in read_by_ray, name
+
+
 def test_scale_to_zero_ingress_follows_the_endpoints_delays_in_rays_builder():
     """Ray's own builder scales the OpenAI ingress to zero with the model; its downscale delay
     must be the endpoint's, or the worker that hosts it stays up for Ray's 600 s default.
@@ -110,7 +148,8 @@ def test_scale_to_zero_ingress_follows_the_endpoints_delays_in_rays_builder():
     from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
 
     endpoint = _endpoint({"autoscaling": {"minReplicas": 0, "scaleDownDelaySeconds": 30}})
-    args = LLMServingArgs.model_validate(build_serve_config(endpoint, SETTINGS)["applications"][0]["args"])
+    proxy_path = OperatorSettings(serving_path="proxy")
+    args = LLMServingArgs.model_validate(build_serve_config(endpoint, proxy_path)["applications"][0]["args"])
     options = maybe_apply_llm_deployment_config_defaults(
         OpenAiIngress.get_deployment_options(args.llm_configs), args.ingress_deployment_config
     )

@@ -18,6 +18,8 @@ from llmep_operator.api.models import (
     Reason,
     ReplicaStatus,
     ResourcesSpec,
+    RoutingPolicy,
+    RoutingSpec,
     SecretKeyRef,
 )
 from llmep_operator.api.validation import SpecError, parse_endpoint
@@ -40,6 +42,8 @@ __all__ = [
     "Reason",
     "ReplicaStatus",
     "ResourcesSpec",
+    "RoutingPolicy",
+    "RoutingSpec",
     "SecretKeyRef",
     "SpecError",
     "parse_endpoint",

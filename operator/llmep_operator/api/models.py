@@ -371,6 +371,26 @@ class AutoscalingSpec(ApiModel):
         return self.max_ongoing_requests or 4 * self.target_queue_depth
 
 
+class RoutingPolicy(enum.StrEnum):
+    LEAST_LOADED = "LeastLoaded"
+    PREFIX_CACHE_AFFINITY = "PrefixCacheAffinity"
+
+
+class RoutingSpec(ApiModel):
+    """How Ray Serve picks the replica for each request."""
+
+    policy: RoutingPolicy = Field(
+        default=RoutingPolicy.LEAST_LOADED,
+        description=(
+            "LeastLoaded: the less busy of two replicas picked at random (Serve's default). "
+            "PrefixCacheAffinity: requests whose prompts share a prefix go to the replica that "
+            "already holds it in vLLM's prefix cache, unless that replica is much busier than the "
+            "others (Ray Serve LLM's PrefixCacheAffinityRouter). Worth it for chats and agents "
+            "that resend a long history or system prompt, with more than one replica."
+        ),
+    )
+
+
 class CacheSpec(ApiModel):
     """A shared volume that keeps downloaded weights across replicas and restarts."""
 
@@ -412,6 +432,9 @@ class LLMEndpointSpec(ApiModel):
         description="Replica bounds and queue-depth target for Ray Serve's autoscaler.",
     )
     cache: CacheSpec = Field(default_factory=CacheSpec, description="Weight cache volume.")
+    routing: RoutingSpec = Field(
+        default_factory=RoutingSpec, description="How requests are spread over the replicas."
+    )
     image: str | None = Field(
         default=None,
         max_length=512,

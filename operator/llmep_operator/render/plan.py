@@ -8,6 +8,7 @@ from typing import Any
 from llmep_operator import naming
 from llmep_operator.api import LLMEndpoint
 from llmep_operator.errors import InvalidSpec
+from llmep_operator.render.serving_path import ray_process_env
 from llmep_operator.settings import OperatorSettings, ResourceProfile
 
 MODEL_MOUNT_ROOT = "/mnt/models"
@@ -28,6 +29,7 @@ class ServingPlan:
     volumes: list[dict[str, Any]] = field(default_factory=list)
     volume_mounts: list[dict[str, Any]] = field(default_factory=list)
     env: list[dict[str, Any]] = field(default_factory=list)
+    ray_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -131,6 +133,7 @@ def make_plan(endpoint: LLMEndpoint, settings: OperatorSettings) -> ServingPlan:
         volumes=volumes,
         volume_mounts=mounts,
         env=env,
+        ray_env=ray_process_env(endpoint, settings),
     )
 
 

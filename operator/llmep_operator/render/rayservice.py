@@ -42,8 +42,9 @@ def _container(plan: ServingPlan, name: str, image: str, resources: dict, ports:
         "securityContext": container_security_context(),
         "volumeMounts": mounts,
     }
-    if plan.env:
-        container["env"] = list(plan.env)
+    env = [*plan.env, *({"name": name, "value": value} for name, value in plan.ray_env.items())]
+    if env:
+        container["env"] = env
     if ports:
         container["ports"] = ports
     return container

@@ -11,11 +11,13 @@ from typing import Any
 import yaml
 
 from llmep_operator import naming
-from llmep_operator.api import LLMEndpoint
+from llmep_operator.api import LLMEndpoint, RoutingPolicy
 from llmep_operator.render.plan import ServingPlan, make_plan
+from llmep_operator.render.serving_path import is_direct
 from llmep_operator.settings import OperatorSettings
 
 IMPORT_PATH = "ray.serve.llm:build_openai_app"
+REQUEST_ROUTERS = {RoutingPolicy.PREFIX_CACHE_AFFINITY: "ray.serve.llm.request_router.PrefixCacheAffinityRouter"}
 
 
 def _engine_kwargs(plan: ServingPlan) -> dict[str, Any]:
@@ -57,6 +59,17 @@ def _placement_group(plan: ServingPlan) -> dict[str, Any] | None:
     return None
 
 
+def _deployment_config(plan: ServingPlan) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "autoscaling_config": _autoscaling(plan),
+        "max_ongoing_requests": plan.endpoint.spec.autoscaling.effective_max_ongoing_requests,
+    }
+    router = REQUEST_ROUTERS.get(plan.endpoint.spec.routing.policy)
+    if router:
+        config["request_router_config"] = {"request_router_class": router}
+    return config
+
+
 def build_llm_config(plan: ServingPlan) -> dict[str, Any]:
     endpoint = plan.endpoint
     env_vars = {**plan.profile.env, **endpoint.spec.engine.env}
@@ -66,10 +79,7 @@ def build_llm_config(plan: ServingPlan) -> dict[str, Any]:
     config: dict[str, Any] = {
         "model_loading_config": {"model_id": endpoint.served_name, "model_source": plan.model_source},
         "engine_kwargs": _engine_kwargs(plan),
-        "deployment_config": {
-            "autoscaling_config": _autoscaling(plan),
-            "max_ongoing_requests": endpoint.spec.autoscaling.effective_max_ongoing_requests,
-        },
+        "deployment_config": _deployment_config(plan),
     }
     if plan.profile.accelerator_type:
         config["accelerator_type"] = plan.profile.accelerator_type
@@ -83,11 +93,12 @@ def build_llm_config(plan: ServingPlan) -> dict[str, Any]:
     return config
 
 
-def _ingress_deployment_config(plan: ServingPlan) -> dict[str, Any] | None:
-    """With minReplicas 0, Ray scales the OpenAI ingress to zero too, but after its own 600 s
-    default: give it the model's delays, so an idle worker is freed on the endpoint's schedule."""
+def _ingress_deployment_config(plan: ServingPlan, settings: OperatorSettings) -> dict[str, Any] | None:
+    """On the proxy path with minReplicas 0, Ray scales the OpenAI ingress to zero too, but after
+    its own 600 s default: give it the model's delays, so an idle worker is freed on the
+    endpoint's schedule. The direct path has no ingress replica (and refuses this option)."""
     scaling = plan.endpoint.spec.autoscaling
-    if scaling.min_replicas > 0:
+    if is_direct(settings) or scaling.min_replicas > 0:
         return None
     return {
         "autoscaling_config": {
@@ -97,9 +108,9 @@ def _ingress_deployment_config(plan: ServingPlan) -> dict[str, Any] | None:
     }
 
 
-def build_application(plan: ServingPlan) -> dict[str, Any]:
+def build_application(plan: ServingPlan, settings: OperatorSettings) -> dict[str, Any]:
     args: dict[str, Any] = {"llm_configs": [build_llm_config(plan)]}
-    ingress = _ingress_deployment_config(plan)
+    ingress = _ingress_deployment_config(plan, settings)
     if ingress:
         args["ingress_deployment_config"] = ingress
     return {"name": naming.APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": args}
@@ -115,7 +126,7 @@ def serve_config_for(plan: ServingPlan, settings: OperatorSettings) -> dict[str,
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": settings.serve_port},  # noqa: S104 - inside the pod
-        "applications": [build_application(plan)],
+        "applications": [build_application(plan, settings)],
     }
 
 
