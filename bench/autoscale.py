@@ -51,10 +51,10 @@ def log(msg: str) -> None:
     print(f"[autoscale {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def application(model_dir: str, serve_metric_defaults: bool) -> dict:
-    from llmep_serving.tinymodel import tiny_application
+def ray_app(model_dir: str, serve_metric_defaults: bool):
+    from llmep_serving.tinymodel import tiny_ray_app
 
-    app = tiny_application(
+    rendered = tiny_ray_app(
         model_dir,
         name=SERVED_NAME,
         namespace="bench",
@@ -66,13 +66,13 @@ def application(model_dir: str, serve_metric_defaults: bool) -> dict:
             "scaleDownDelaySeconds": DOWNSCALE_DELAY_S,
         },
     )
-    (llm_config,) = app["args"]["llm_configs"]
+    (llm_config,) = rendered.application["args"]["llm_configs"]
     scaling = llm_config["deployment_config"]["autoscaling_config"]
     if serve_metric_defaults:
         for key in SERVE_METRIC_KEYS:
             del scaling[key]
     log(f"autoscaling_config: {json.dumps(scaling)}")
-    return app
+    return rendered
 
 
 def free_port() -> int:
@@ -222,10 +222,14 @@ def fmt(v) -> str:
 def measure(model_dir: str, args, serve_metric_defaults: bool) -> dict:
     from llmep_serving.local import LocalServe
 
-    app = application(model_dir, serve_metric_defaults)
+    rendered = ray_app(model_dir, serve_metric_defaults)
     t0 = time.monotonic()
     with LocalServe(
-        app, port=free_port(), num_cpus=2 * MAX_REPLICAS + 2, env=ENGINE_ENV, ready_timeout_s=420
+        rendered.application,
+        port=free_port(),
+        num_cpus=2 * MAX_REPLICAS + 2,
+        env={**ENGINE_ENV, **rendered.env},
+        ready_timeout_s=420,
     ) as served:
         log(f"serving after {time.monotonic() - t0:.0f}s")
         return asyncio.run(run(served, args))

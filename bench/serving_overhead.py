@@ -192,11 +192,12 @@ def llmep_gateway(serve_url: str, workdir: Path, log: Path) -> Iterator[str]:
             proc.wait(timeout=60)
 
 
-def llmep_application(model_dir: Path) -> dict:
-    """The operator's serveConfigV2 application for the tiny model on the cpu profile, as rendered."""
-    from llmep_serving.tinymodel import tiny_application
+def llmep_ray_app(model_dir: Path):
+    """The operator's serveConfigV2 application for the tiny model on the cpu profile, and the
+    environment of its Ray processes, as rendered."""
+    from llmep_serving.tinymodel import tiny_ray_app
 
-    return tiny_application(
+    return tiny_ray_app(
         model_dir,
         name=SERVED,
         namespace="bench",
@@ -247,8 +248,11 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         bare_url = stack.enter_context(bare_vllm(model_dir, args.log_dir / "bench-vllm.log"))
         t0 = time.monotonic()
+        rendered = llmep_ray_app(model_dir)
         local = stack.enter_context(
-            LocalServe(llmep_application(model_dir), port=free_port(), num_cpus=4, env=ENV, progress=None)
+            LocalServe(
+                rendered.application, port=free_port(), num_cpus=4, env={**ENV, **rendered.env}, progress=None
+            )
         )
         print(f"Serve app ready in {time.monotonic() - t0:.0f}s", flush=True)
         gateway_url = stack.enter_context(

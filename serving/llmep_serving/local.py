@@ -1,9 +1,12 @@
 """Run one serveConfigV2 application on a local Ray cluster, as KubeRay would in a pod.
 
 The input is the ``applications[0]`` entry of a RayService's ``serveConfigV2`` (what the
-operator renders): ``{name, route_prefix, import_path, args}``. The app is built by calling
-``import_path`` with ``args`` (``ray.serve.llm:build_openai_app`` for llmep) and deployed
-with ``serve.run`` behind Serve's HTTP proxy on loopback.
+operator renders): ``{name, route_prefix, import_path, args}``. It is handed to Serve's
+controller as a config, the way KubeRay deploys it: the controller builds the app by calling
+``import_path`` with ``args`` (``ray.serve.llm:build_openai_app`` for llmep) inside the Ray
+cluster, behind Serve's ingress on loopback. ``env`` is exported before Ray starts, so every
+Ray process sees it, as every process of a Ray pod sees its container environment (Ray Serve
+reads its switches, such as the HAProxy ingress, when it is imported).
 
     with LocalServe(app) as local:
         client = openai.OpenAI(base_url=local.base_url, api_key="unused")
@@ -15,11 +18,10 @@ only inside functions: the operator and the gateway never import them.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
+import socket
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,8 +30,11 @@ from dataclasses import dataclass
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
-# Keys of a serveConfigV2 application entry that serve.run can honour locally.
+# Keys of a serveConfigV2 application entry that the local runner honours.
 _SUPPORTED_APP_KEYS = frozenset({"name", "route_prefix", "import_path", "args"})
+# HAProxy's stats and metrics listeners and Serve's fallback proxy have fixed default ports
+# (8404, 9101, 8500): free ones let two local runners, or other servers, share the machine.
+_PORT_ENV = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")
 
 
 class LocalServeError(RuntimeError):
@@ -61,17 +66,6 @@ class ReplicaSummary:
     def __str__(self) -> str:
         states = ", ".join(f"{k}={v}" for k, v in sorted(self.states.items())) or "none"
         return f"{self.deployment}: {self.status} ({states})"
-
-
-def load_builder(import_path: str) -> Callable[..., Any]:
-    """Resolve ``module:attr`` (or ``module.attr``) the way Serve resolves import_path."""
-    if ":" in import_path:
-        module_name, attr = import_path.split(":", 1)
-    else:
-        module_name, _, attr = import_path.rpartition(".")
-    if not module_name or not attr:
-        raise ValueError(f"import_path must be 'module:attribute', got {import_path!r}")
-    return getattr(importlib.import_module(module_name), attr)
 
 
 class LocalServe:
@@ -108,6 +102,7 @@ class LocalServe:
         self.env = dict(env or {})
         self._progress = progress or (lambda _line: None)
         self._started_ray = False
+        self._saved_env: dict[str, str | None] = {}
 
     # -- addresses ---------------------------------------------------------------------
 
@@ -134,11 +129,9 @@ class LocalServe:
         import ray
         from ray import serve
 
-        # Engine processes inherit the driver's environment; runtime_env in the LLMConfig
-        # carries the same variables into the replicas themselves.
-        os.environ.update(self.env)
         t0 = time.monotonic()
         if not ray.is_initialized():
+            self._export_env()
             ray.init(
                 num_cpus=self.num_cpus,
                 include_dashboard=False,
@@ -146,7 +139,7 @@ class LocalServe:
                 configure_logging=False,
             )
             self._started_ray = True
-        elif (cpus := ray.cluster_resources().get("CPU", 0)) < self.num_cpus:
+        elif (cpus := ray.cluster_resources().get("CPU", 0)) < (self.num_cpus or 0):
             # Someone else's ray.init (or a library's implicit one) would starve the replicas.
             raise LocalServeError(
                 f"Ray already runs in this process with {cpus:g} CPUs; {self.app_name!r} needs "
@@ -155,8 +148,8 @@ class LocalServe:
         self._progress(f"ray up in {time.monotonic() - t0:.1f}s")
         try:
             serve.start(http_options={"host": self.host, "port": self.port})
-            app = self._build_app()
-            self._deploy_and_wait(serve, app, t0)
+            self._deploy()
+            self._wait_until_ready(t0)
         except BaseException:
             self.stop()
             raise
@@ -171,6 +164,7 @@ class LocalServe:
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
+        self._restore_env()
 
     # -- status ------------------------------------------------------------------------
 
@@ -215,28 +209,36 @@ class LocalServe:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _build_app(self) -> Any:
-        builder = load_builder(self.application["import_path"])
-        args = self.application.get("args")
-        return builder(args) if args is not None else builder()
+    def _export_env(self) -> None:
+        """Put ``env`` (and free local ports) in this process's environment, which the Ray
+        processes started next inherit; :meth:`stop` puts the old values back."""
+        env = {name: str(_free_port(self.host)) for name in _PORT_ENV if name not in os.environ}
+        env.update(self.env)
+        self._saved_env = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
 
-    def _deploy_and_wait(self, serve: Any, app: Any, t0: float) -> None:
-        failure: list[BaseException] = []
+    def _restore_env(self) -> None:
+        for name, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self._saved_env = {}
 
-        def deploy() -> None:
-            try:
-                # Blocks until the application is RUNNING or fails to deploy.
-                serve.run(app, name=self.app_name, route_prefix=self.route_prefix)
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-                failure.append(exc)
+    def _deploy(self) -> None:
+        from ray.serve.context import _get_global_client
+        from ray.serve.schema import ServeDeploySchema
 
-        deployer = threading.Thread(target=deploy, name="llmep-serve-run", daemon=True)
-        deployer.start()
+        config = ServeDeploySchema.model_validate(
+            {"http_options": {"host": self.host, "port": self.port}, "applications": [self.application]}
+        )
+        # As KubeRay does through the dashboard: the controller builds the app in the cluster.
+        _get_global_client().deploy_apps(config)
+
+    def _wait_until_ready(self, t0: float) -> None:
         deadline = t0 + self.ready_timeout_s
         last_line = ""
         while True:
-            if failure:
-                raise LocalServeError(f"deploying {self.app_name!r} failed") from failure[0]
             status, message = self.app_status()
             line = f"{self.app_name}: {status}; " + "; ".join(str(r) for r in self.replicas())
             if line != last_line:
@@ -244,7 +246,7 @@ class LocalServe:
                 last_line = line
             if status == "DEPLOY_FAILED":
                 raise LocalServeError(f"{self.app_name!r} failed to deploy: {message}")
-            if status == "RUNNING" and not deployer.is_alive() and self._models_answer():
+            if status == "RUNNING" and self._models_answer():
                 self._progress(
                     f"{time.monotonic() - t0:6.1f}s ready: {self.base_url} serves {self.models()}"
                 )
@@ -261,6 +263,12 @@ class LocalServe:
             return bool(self.models())
         except (urllib.error.URLError, OSError, ValueError):
             return False
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def run_local(application: Mapping[str, Any], **kwargs: Any) -> LocalServe:

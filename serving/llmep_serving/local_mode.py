@@ -27,7 +27,7 @@ import yaml
 
 from llmep_operator.api import SpecError, parse_endpoint
 from llmep_operator.errors import InvalidSpec
-from llmep_operator.render import build_serve_config
+from llmep_operator.render import build_ray_app
 from llmep_operator.settings import OperatorSettings
 
 LOOPBACK = "127.0.0.1"
@@ -153,8 +153,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         endpoint = parse_endpoint(endpoint_manifest(args))
-        settings = OperatorSettings()
-        application = build_serve_config(endpoint, settings)["applications"][0]
+        # LLMEP_* variables tune it as they tune the operator (e.g. LLMEP_SERVING_PATH=proxy).
+        rendered = build_ray_app(endpoint, OperatorSettings())
     except (ServeError, SpecError, InvalidSpec) as error:
         print(f"llmep serve: {error}", file=sys.stderr)
         return 2
@@ -166,15 +166,18 @@ def run(args: argparse.Namespace) -> int:
     )
     backend_port = args.backend_port or _free_port()
     # Ray counts logical CPUs: each replica holds 2 (its actor and the engine's bundle) and the
-    # ingress one more, whatever the machine has; too few leaves the ingress pending forever.
+    # proxy path's ingress one more, whatever the machine has; too few leaves a replica pending.
     num_cpus = args.num_cpus or max(os.cpu_count() or 2, 2 * endpoint.spec.autoscaling.max_replicas + 2)
-    env = {"HF_HUB_OFFLINE": "1"} if endpoint.spec.model.source.startswith("file://") else {}
+    # The serving path's switches, exactly as the operator puts them in the Ray pods.
+    env = dict(rendered.env)
+    if endpoint.spec.model.source.startswith("file://"):
+        env["HF_HUB_OFFLINE"] = "1"
     gateway = None
     local = None
     with tempfile.TemporaryDirectory(prefix="llmep-serve-") as tmp:
         try:
             local = LocalServe(
-                application, port=backend_port, num_cpus=num_cpus, env=env, ready_timeout_s=args.timeout
+                rendered.application, port=backend_port, num_cpus=num_cpus, env=env, ready_timeout_s=args.timeout
             )
             print(
                 f"llmep serve: starting {endpoint.served_name} on a local Ray cluster "

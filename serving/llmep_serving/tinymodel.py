@@ -239,6 +239,7 @@ def tiny_endpoint_manifest(
     namespace: str = "local",
     max_model_len: int = 256,
     autoscaling: dict | None = None,
+    routing: dict | None = None,
 ) -> dict:
     """The LLMEndpoint a user writes for the tiny model: the `cpu` profile adds what vLLM's CPU
     build needs (float32, eager mode, offline hub for a local path), so nothing else is set."""
@@ -249,6 +250,8 @@ def tiny_endpoint_manifest(
     }
     if autoscaling:
         spec["autoscaling"] = dict(autoscaling)
+    if routing:
+        spec["routing"] = dict(routing)
     return {
         "apiVersion": "llmep.io/v1alpha1",
         "kind": "LLMEndpoint",
@@ -257,12 +260,12 @@ def tiny_endpoint_manifest(
     }
 
 
-def tiny_application(model_dir: str | os.PathLike[str], **manifest_kwargs) -> dict:
-    """``applications[0]`` of the serveConfigV2 the operator renders for that endpoint."""
+def tiny_ray_app(model_dir: str | os.PathLike[str], settings=None, **manifest_kwargs):
+    """The operator's RayApp for that endpoint: ``applications[0]`` of its serveConfigV2 and the
+    environment of its Ray processes (``settings``: OperatorSettings, default the defaults)."""
     from llmep_operator.api import parse_endpoint
-    from llmep_operator.render import build_serve_config
+    from llmep_operator.render import build_ray_app
     from llmep_operator.settings import OperatorSettings
 
     endpoint = parse_endpoint(tiny_endpoint_manifest(model_dir, **manifest_kwargs))
-    (application,) = build_serve_config(endpoint, OperatorSettings())["applications"]
-    return application
+    return build_ray_app(endpoint, settings or OperatorSettings())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -21,7 +20,7 @@ pytest.importorskip("ray.serve.llm", reason="the serving tier needs ray[serve] f
 import openai  # noqa: E402
 
 from llmep_serving.local import LocalServe  # noqa: E402
-from llmep_serving.tinymodel import ensure_tiny_model, tiny_application  # noqa: E402
+from llmep_serving.tinymodel import ensure_tiny_model, tiny_ray_app  # noqa: E402
 
 SERVED_NAME = "tiny"
 MIN_REPLICAS = 1
@@ -38,9 +37,10 @@ DOWNSCALE_DELAY_S = 10
 ENGINE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
-def build_tiny_application(model_dir: os.PathLike[str] | str) -> dict[str, Any]:
-    """``applications[0]`` of the serveConfigV2 the operator renders for the tiny endpoint."""
-    application = tiny_application(
+def build_tiny_ray_app(model_dir: os.PathLike[str] | str):
+    """``applications[0]`` of the serveConfigV2 the operator renders for the tiny endpoint, and
+    the environment of its Ray processes (the direct serving path, as shipped)."""
+    return tiny_ray_app(
         model_dir,
         name=SERVED_NAME,
         namespace="serving-tests",
@@ -52,7 +52,6 @@ def build_tiny_application(model_dir: os.PathLike[str] | str) -> dict[str, Any]:
             "scaleDownDelaySeconds": DOWNSCALE_DELAY_S,
         },
     )
-    return application
 
 
 def free_loopback_port() -> int:
@@ -69,14 +68,14 @@ def tiny_model_dir():
 @pytest.fixture(scope="session")
 def served(tiny_model_dir) -> Iterator[LocalServe]:
     """Ray + Serve + the tiny model's app, started once for the tier and shut down after it."""
-    application = build_tiny_application(tiny_model_dir)
-    # Each replica holds 2 logical CPUs (its actor plus the engine's bundle), the ingress 1.
+    rendered = build_tiny_ray_app(tiny_model_dir)
+    # Each replica holds 2 logical CPUs (its actor plus the engine's bundle); room for one more.
     num_cpus = 2 * MAX_REPLICAS + 2
     with LocalServe(
-        application,
+        rendered.application,
         port=free_loopback_port(),
         num_cpus=num_cpus,
-        env=ENGINE_ENV,
+        env={**ENGINE_ENV, **rendered.env},
         ready_timeout_s=420,
     ) as local:
         yield local

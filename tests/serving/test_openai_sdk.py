@@ -15,6 +15,19 @@ pytestmark = [pytest.mark.serving, pytest.mark.timeout(600)]
 MESSAGES = [{"role": "user", "content": "Tell me about the weather in Paris."}]
 
 
+def test_requests_take_the_direct_path(served):
+    """HAProxy listens on Serve's port and hands each request to the LLMServer replica itself,
+    after one call to the LLMRouter: no OpenAI ingress replica relays the tokens."""
+    import psutil
+
+    deployments = sorted(r.deployment for r in served.replicas())
+    assert [d.split(":")[0] for d in deployments] == ["LLMRouter", "LLMServer"], deployments
+    (listener,) = [
+        c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == served.port
+    ]
+    assert psutil.Process(listener.pid).name() == "haproxy"
+
+
 def test_models_list_shows_the_served_name(client):
     models = client.models.list()
     assert [m.id for m in models.data] == [SERVED_NAME]

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from llmep_serving.local import LocalServe, load_builder
+from llmep_serving.local import LocalServe
 from llmep_serving.tinymodel import MODEL_DIRNAME, ensure_tiny_model, load_corpus
 
 pytestmark = pytest.mark.serving
@@ -81,8 +81,20 @@ def test_runner_refuses_application_keys_it_would_silently_drop():
         LocalServe({"import_path": "x:y", "runtime_env": {"pip": ["requests"]}})
 
 
-def test_builder_import_path_resolves_like_serve():
-    from ray.serve.llm import build_openai_app
+def test_runner_exports_its_env_with_free_ports_and_puts_the_old_values_back(monkeypatch):
+    """Ray processes inherit the environment at ray.init; after stop, later code sees none of it."""
+    import os
 
-    assert load_builder("ray.serve.llm:build_openai_app") is build_openai_app
-    assert load_builder("ray.serve.llm.build_openai_app") is build_openai_app
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_NBTHREAD", "7")
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_STATS_PORT", raising=False)
+    local = LocalServe(
+        {"import_path": "x:y"}, env={"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_NBTHREAD": "1"}
+    )
+    local._export_env()
+    assert (os.environ["RAY_SERVE_ENABLE_HA_PROXY"], os.environ["RAY_SERVE_HAPROXY_NBTHREAD"]) == ("1", "1")
+    assert 1024 < int(os.environ["RAY_SERVE_HAPROXY_STATS_PORT"]) != 8404
+    local._restore_env()
+    assert os.environ["RAY_SERVE_HAPROXY_NBTHREAD"] == "7"
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
+    assert "RAY_SERVE_HAPROXY_STATS_PORT" not in os.environ

@@ -6,6 +6,7 @@ tested on a laptop is what runs on the cluster.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -128,6 +129,20 @@ def serve_config_for(plan: ServingPlan, settings: OperatorSettings) -> dict[str,
         "http_options": {"host": "0.0.0.0", "port": settings.serve_port},  # noqa: S104 - inside the pod
         "applications": [build_application(plan, settings)],
     }
+
+
+@dataclass(frozen=True)
+class RayApp:
+    """What one endpoint's Ray cluster runs: its serveConfigV2 application and the environment
+    every Ray process needs for it (container env on KubeRay, exported by `llmep serve`)."""
+
+    application: dict[str, Any]
+    env: dict[str, str]
+
+
+def build_ray_app(endpoint: LLMEndpoint, settings: OperatorSettings) -> RayApp:
+    plan = make_plan(endpoint, settings)
+    return RayApp(application=build_application(plan, settings), env=dict(plan.ray_env))
 
 
 class _NoAliasDumper(yaml.SafeDumper):
