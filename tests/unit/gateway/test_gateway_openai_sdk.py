@@ -183,13 +183,33 @@ async def test_engine_errors_reach_the_client_in_the_engines_words(backend_facto
     assert err.value.body == {"message": ENGINE_SAYS, "type": "invalid_request_error", "param": None, "code": None}
 
 
-async def test_other_backend_errors_pass_through_untouched(backend_factory, gateway_factory):
+async def test_vllms_own_error_envelope_gets_openais_vocabulary(backend_factory, gateway_factory):
+    """vLLM's app (the direct path) names an exception class as `type` and the status as `code`."""
     own = {"error": {"message": "n must be at most 8", "type": "BadRequestError", "param": "n", "code": 400}}
     backend = await backend_factory("vllm", error=(400, own))
     gw = await gateway_factory([{"models": ["m"], "url": backend.url, "ready": True}])
 
     with pytest.raises(openai.BadRequestError) as err:
         await client(gw.url).chat.completions.create(model="m", messages=[], n=9)
+
+    cleaned = {"message": "n must be at most 8", "type": "invalid_request_error", "param": "n", "code": None}
+    assert err.value.body == cleaned
+
+
+async def test_errors_already_in_openais_vocabulary_pass_through_untouched(backend_factory, gateway_factory):
+    own = {
+        "error": {
+            "message": "This model's maximum context length is 256 tokens.",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
+    }
+    backend = await backend_factory("openai-like", error=(400, own))
+    gw = await gateway_factory([{"models": ["m"], "url": backend.url, "ready": True}])
+
+    with pytest.raises(openai.BadRequestError) as err:
+        await client(gw.url).chat.completions.create(model="m", messages=[])
 
     assert err.value.body == own["error"]
 
