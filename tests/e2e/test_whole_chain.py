@@ -77,17 +77,22 @@ def test_operator_in_its_pod_makes_the_endpoint_ready(kind_cluster: KindCluster,
 
 
 def test_the_ray_pods_serve_through_haproxy(kind_cluster: KindCluster, ready_endpoint: dict):
-    """The direct path as rendered: HAProxy, configured by Serve, holds port 8000 on the head and on
-    the worker (KubeRay's probes and the serve Service go through it)."""
+    """The direct path as rendered: in both Ray pods HAProxy, configured by Serve, runs the HTTP
+    frontend (port 8000, which KubeRay's probes and the serve Service use), and the worker's has
+    the LLMServer replica as an UP server, which it forwards requests to directly."""
     pods = json.loads(
         kind_cluster.kubectl("get", "pods", "-n", APP_NAMESPACE, "-l", "llmep.io/endpoint=tiny", "-o", "json")
     )["items"]
-    kinds = sorted(p["metadata"]["labels"].get("ray.io/node-type", "") for p in pods)
-    assert kinds == ["head", "worker"], kinds
-    config_file = "/tmp/haproxy-serve/haproxy.cfg"  # noqa: S108 - Ray Serve's path inside the pod
-    for pod in pods:
-        config = kind_cluster.kubectl("exec", "-n", APP_NAMESPACE, pod["metadata"]["name"], "--", "cat", config_file)
-        assert "frontend http_frontend" in config and ":8000" in config, config[:2000]
+    by_kind = {p["metadata"]["labels"].get("ray.io/node-type"): p["metadata"]["name"] for p in pods}
+    assert sorted(by_kind) == ["head", "worker"], by_kind
+    stats = {
+        kind: kind_cluster.kubectl("exec", "-n", APP_NAMESPACE, name, "--", "wget", "-qO-", "http://localhost:8404/stats;csv")
+        for kind, name in by_kind.items()
+    }
+    for kind, csv in stats.items():
+        assert "\nhttp_frontend,FRONTEND," in csv, f"{kind}: {csv[:1500]}"
+    replicas = [line.split(",") for line in stats["worker"].splitlines() if "LLMServer" in line]
+    assert replicas and all(fields[17] == "UP" for fields in replicas), stats["worker"][:3000]
 
 
 def test_openai_sdk_through_the_gateway(ready_endpoint: dict, gateway_url: str, api_key: str):
