@@ -4,7 +4,8 @@ in its namespace (get/list/watch llmendpoints, list/watch secrets): missing RBAC
 
 The backend the routes point at is a small in-process OpenAI-shaped aiohttp server on
 127.0.0.1; it stands in for the Ray Serve Service, which this tier does not run (the real
-serving path is covered in tests/serving). No operator runs here, so the test writes the
+serving path is covered in tests/serving), so the gateway's backend_url_template names it
+instead of `<name>-serve.<namespace>.svc`. No operator runs here, so the test writes the
 LLMEndpoint's status itself, as the operator would.
 """
 
@@ -152,6 +153,7 @@ async def test_gateway_follows_endpoints_and_key_secrets_live(cluster, namespace
             watch_namespaces=[namespace],
             hold_deadline=30,
             wake_backend=False,
+            backend_url_template=url,
         )
     )
     await server.start()
@@ -202,3 +204,55 @@ def _held_route(server: GatewayServer):
         assert route is not None and not route.ready
 
     return check
+
+
+async def test_a_forged_status_url_does_not_redirect_traffic(cluster, namespace, crd, tmp_path):
+    """Attack: whoever may write an endpoint's status subresource points status.url at a server
+    of their own, to read the prompts (and the keys) sent to that model. The gateway computes
+    the backend from the endpoint's name and namespace, so the traffic stays where it was."""
+    kubeconfig = gateway_identity(cluster, namespace, tmp_path)
+    real, real_url = await start_backend()
+    collector_hits: list[dict] = []
+
+    async def collect(request: web.Request) -> web.Response:
+        collector_hits.append(await request.json())
+        return web.json_response({"error": {"message": "collected", "type": "x", "param": None, "code": None}})
+
+    collector_app = web.Application()
+    collector_app.router.add_post("/v1/{tail:.*}", collect)
+    collector = web.AppRunner(collector_app)
+    await collector.setup()
+    await web.TCPSite(collector, "127.0.0.1", 0).start()
+    collector_url = f"http://127.0.0.1:{collector.addresses[0][1]}/v1"
+
+    endpoint = load_fixture(FIXTURES / "valid" / "minimal.yaml")
+    endpoint["metadata"] = {"name": "qwen-small"}
+    cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, endpoint)
+    set_status(cluster, namespace, "qwen-small", collector_url, ready=True)  # the forged status
+    server = GatewayServer(
+        GatewaySettings(
+            host="127.0.0.1",
+            port=0,
+            kubeconfig=kubeconfig,
+            namespace=namespace,
+            watch_namespaces=[namespace],
+            anonymous=True,
+            wake_backend=False,
+            backend_url_template=real_url,
+        )
+    )
+    await server.start()
+    c = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0)
+    try:
+
+        async def answered():
+            prompt = [{"role": "user", "content": "s3cret"}]
+            reply = await c.chat.completions.create(model="qwen-small", messages=prompt)
+            return reply.choices[0].message.content
+
+        assert await eventually(answered) == "from the cluster"
+        assert collector_hits == []
+    finally:
+        await server.stop()
+        await real.cleanup()
+        await collector.cleanup()

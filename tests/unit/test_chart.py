@@ -127,6 +127,32 @@ def test_rendered_gateway_env_loads_into_gateway_settings(values_file, monkeypat
     assert settings.watch_namespaces == (namespaces or ["*"])
 
 
+@pytest.mark.parametrize(
+    ("sets", "url"),
+    [
+        ({}, "http://qwen-serve.team-a.svc:8000/v1"),
+        (
+            {"operator.config.cluster_domain": "svc.cluster.local", "operator.config.serve_port": "9000"},
+            "http://qwen-serve.team-a.svc.cluster.local:9000/v1",
+        ),
+    ],
+)
+def test_gateway_computes_backends_where_the_operator_puts_them(sets, url, monkeypatch):
+    """The gateway's URL for an endpoint is the operator's status.url for it, from the same values."""
+    from llmep_operator.naming import serve_service_name
+
+    objects = template(sets=sets)
+    container = by_kind(objects, "Deployment")["llmep-gateway"]["spec"]["template"]["spec"]["containers"][0]
+    template_env = next(e["value"] for e in container["env"] if e["name"] == "LLMEP_GATEWAY_BACKEND_URL_TEMPLATE")
+    assert template_env.format(name="qwen", namespace="team-a") == url
+    assert url.startswith(f"http://{serve_service_name('qwen')}.team-a.")
+
+
+def test_gateway_backend_url_template_is_set_by_the_chart_only():
+    error = render_error("gateway.settings.backend_url_template=http://x/v1")
+    assert "/gateway/settings" in error and "'backend_url_template' not allowed" in error
+
+
 def test_gateway_service_is_llmep_gateway_port_80_to_the_gateways_port():
     objects = template(release="my-release")
     service = by_kind(objects, "Service")["llmep-gateway"]

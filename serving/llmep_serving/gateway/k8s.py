@@ -18,6 +18,7 @@ from typing import Any
 
 from .auth import KEY_LABEL, ApiKey, key_from_secret
 from .routing import Backend
+from .settings import DEFAULT_BACKEND_URL_TEMPLATE
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,15 @@ def is_ready(status: Mapping[str, Any]) -> bool:
     return ready
 
 
-def endpoint_to_backend(obj: Mapping[str, Any]) -> Backend | None:
+def endpoint_to_backend(obj: Mapping[str, Any], url_template: str = DEFAULT_BACKEND_URL_TEMPLATE) -> Backend | None:
     """One LLMEndpoint to a backend, or None when it names no model at all.
 
     Names come from ``status.models``; before the operator has written them, from the spec
     (served name, else metadata.name, then aliases), so requests for an endpoint that is
-    still coming up are held rather than answered 404.
+    still coming up are held rather than answered 404. The URL is computed from the
+    endpoint's name and namespace, never read from ``status.url``: a forged status must not
+    send the endpoint's traffic (prompts, keys' requests) to another address. It is used only
+    once the operator has published one, which says the Serve Service exists.
     """
     meta = obj.get("metadata") or {}
     status = obj.get("status") or {}
@@ -68,19 +72,23 @@ def endpoint_to_backend(obj: Mapping[str, Any]) -> Backend | None:
     names = tuple(dict.fromkeys(m for m in models if isinstance(m, str) and m))
     if not names:
         return None
-    url = status.get("url")
+    name, namespace = meta.get("name"), meta.get("namespace")
+    published = isinstance(status.get("url"), str) and status["url"]
+    url = url_template.format(name=name, namespace=namespace) if published and name and namespace else None
     return Backend(
         models=names,
-        url=url if isinstance(url, str) and url else None,
+        url=url,
         ready=is_ready(status),
-        namespace=meta.get("namespace"),
-        name=meta.get("name"),
+        namespace=namespace,
+        name=name,
         created=_created(meta),
     )
 
 
-def backends_from_endpoints(objects: Iterable[Mapping[str, Any]]) -> list[Backend]:
-    return [b for b in map(endpoint_to_backend, objects) if b is not None]
+def backends_from_endpoints(
+    objects: Iterable[Mapping[str, Any]], url_template: str = DEFAULT_BACKEND_URL_TEMPLATE
+) -> list[Backend]:
+    return [b for b in (endpoint_to_backend(o, url_template) for o in objects) if b is not None]
 
 
 def keys_from_secrets(objects: Iterable[Mapping[str, Any]]) -> list[ApiKey]:
@@ -116,8 +124,10 @@ class KubeSource:
         watch_namespaces: list[str],
         on_backends: Callable[[list[Backend]], None],
         on_keys: Callable[[list[ApiKey]], None] | None,
+        url_template: str = DEFAULT_BACKEND_URL_TEMPLATE,
     ) -> None:
         self.kubeconfig = kubeconfig
+        self.url_template = url_template
         self.namespace = namespace
         self.watch_namespaces = watch_namespaces or [namespace]
         self.on_backends = on_backends
@@ -169,7 +179,7 @@ class KubeSource:
     def _endpoints_changed(self, ns: str, objects: list[dict[str, Any]]) -> None:
         self._by_namespace[ns] = objects
         self.on_backends(
-            backends_from_endpoints(o for objs in self._by_namespace.values() for o in objs)
+            backends_from_endpoints((o for objs in self._by_namespace.values() for o in objs), self.url_template)
         )
 
     def _spawn(

@@ -190,6 +190,7 @@ class GatewayServer:
                 watch_namespaces=s.watch_namespaces,
                 on_backends=set_backends,
                 on_keys=self.keys.replace if s.keys_file is None else None,
+                url_template=s.backend_url_template,
             )
             self._kube.start(asyncio.get_running_loop())
 

@@ -8,6 +8,9 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# Where the operator puts an endpoint's Serve Service (operator settings cluster_domain, serve_port).
+DEFAULT_BACKEND_URL_TEMPLATE = "http://{name}-serve.{namespace}.svc:8000/v1"
+
 
 class GatewaySettings(BaseSettings):
     """Everything the gateway can be told; the Helm chart renders these as env vars."""
@@ -50,6 +53,13 @@ class GatewaySettings(BaseSettings):
     )
     kubeconfig: Path | None = Field(
         None, description="Kubeconfig for running outside a cluster; default: in-cluster."
+    )
+    backend_url_template: str = Field(
+        DEFAULT_BACKEND_URL_TEMPLATE,
+        description="Cluster mode: the base_url of an LLMEndpoint's Serve Service, from its name and "
+        "namespace. The gateway computes it and never takes status.url as written, so whoever can "
+        "write an endpoint's status cannot send its traffic elsewhere. The chart derives it from "
+        "the operator's cluster_domain and serve_port.",
     )
     max_body_bytes: int = Field(
         8 * 1024 * 1024, gt=0, description="Largest request body accepted; larger is 413."
@@ -98,6 +108,19 @@ class GatewaySettings(BaseSettings):
         5, ge=1, description="Retry-After sent with 429 and 503 answers."
     )
     log_level: str = Field("INFO", description="Python logging level.")
+
+    @field_validator("backend_url_template")
+    @classmethod
+    def _template_names_the_endpoint(cls, value: str) -> str:
+        try:
+            value.format(name="n", namespace="ns")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(
+                f"backend_url_template may use only {{name}} and {{namespace}}: {value!r} ({error!r})"
+            ) from None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"backend_url_template must be an http:// or https:// URL, got {value!r}")
+        return value
 
     @field_validator("watch_namespaces", mode="before")
     @classmethod

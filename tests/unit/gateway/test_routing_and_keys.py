@@ -53,7 +53,7 @@ def endpoint(
 # -- LLMEndpoint → routes ----------------------------------------------------------------
 
 
-def test_ready_endpoint_routes_its_name_and_aliases_to_status_url():
+def test_ready_endpoint_routes_its_name_and_aliases_to_its_serve_service():
     backend = endpoint_to_backend(endpoint("qwen-7b", models=["qwen-7b", "chat-default"]))
 
     assert backend == Backend(
@@ -64,6 +64,37 @@ def test_ready_endpoint_routes_its_name_and_aliases_to_status_url():
         name="qwen-7b",
         created=1767225600.0,
     )
+
+
+@pytest.mark.parametrize("forged", ["http://collector.evil.example/v1", "http://other-serve.team-b.svc:8000/v1"])
+def test_a_forged_status_url_cannot_redirect_the_traffic(forged):
+    """Whoever may write the status subresource must not pick where prompts go."""
+    obj = endpoint("qwen-7b")
+    obj["status"]["url"] = forged
+
+    assert endpoint_to_backend(obj).url == "http://qwen-7b-serve.team-a.svc:8000/v1"
+
+
+def test_the_url_follows_the_configured_template():
+    obj = endpoint("qwen-7b")
+
+    backend = endpoint_to_backend(obj, "https://{name}-serve.{namespace}.svc.cluster.local:9000/v1")
+
+    assert backend.url == "https://qwen-7b-serve.team-a.svc.cluster.local:9000/v1"
+
+
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [("http://{name}.{namespace}.{port}/v1", "only {name} and {namespace}"), ("qwen:8000/v1", "http://")],
+)
+def test_a_bad_url_template_is_refused_naming_the_setting(template, problem):
+    from pydantic import ValidationError
+
+    from llmep_serving.gateway.settings import GatewaySettings
+
+    with pytest.raises(ValidationError, match="backend_url_template") as refused:
+        GatewaySettings(backend_url_template=template)
+    assert problem in str(refused.value)
 
 
 @pytest.mark.parametrize(("ready", "replicas"), [("False", 1), ("Unknown", 1), ("True", 0)])
