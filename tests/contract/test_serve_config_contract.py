@@ -45,7 +45,7 @@ VARIANTS = {
     "cpu": {"resources": {"profile": "cpu"}, "engine": {"maxModelLen": 256}},
     "s3-source": {"model": {"source": "s3://bucket/org/model"}},
     "gs-source": {"model": {"source": "gs://bucket/org/model"}},
-    "pvc-source": {"model": {"source": "pvc://weights/org/model", "servedName": "org/model"}},
+    "pvc-source": {"model": {"source": "pvc://weights/org/model", "servedName": "org-model"}},
     "hf-revision-token": {"model": {"source": "hf://org/model", "revision": "main", "tokenSecretRef": {"name": "hf"}}},
     "cache": {"cache": {"enabled": True}},
 }

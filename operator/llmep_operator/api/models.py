@@ -31,6 +31,11 @@ NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 SOURCE_SCHEMES = ("hf", "pvc", "s3", "gs", "file")
 SOURCE_PATTERN = r"^(hf|pvc|s3|gs)://[^\s/]+(/[^\s]*)?$|^file:///[^\s]*$"
 SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
+# '/' stays in the pattern so the refusal below, not a regex, is what a user reads.
+NO_SLASH_MESSAGE = (
+    "must not contain '/': the gateway reaches every endpoint as '<namespace>/<name>', so a '/' "
+    "in a name could take another namespace's; use a name such as Llama-3.1-8B-Instruct"
+)
 PROFILE_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(:[1-9][0-9]*)?$"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|K|M|G|T|P)?$"
 SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"  # noqa: S105 - a pattern, not a secret
@@ -96,19 +101,22 @@ class ModelSpec(ApiModel):
         max_length=128,
         pattern=SERVED_NAME_PATTERN,
         description=(
-            "Model id clients put in the request's `model` field and see in /v1/models. "
+            "Model id clients put in the request's `model` field and see in /v1/models; no '/'. "
+            "Through the gateway it is also reachable as '<namespace>/<servedName>'. "
             "Default: the LLMEndpoint's metadata.name."
         ),
+        json_schema_extra={"x-kubernetes-validations": [_cel("!self.contains('/')", f"servedName {NO_SLASH_MESSAGE}")]},
     )
     aliases: list[Annotated[str, Field(max_length=128, pattern=SERVED_NAME_PATTERN)]] = Field(
         default_factory=list,
         max_length=16,
         description=(
             "Extra model ids that route to this endpoint through the gateway, "
-            "for example a stable name like chat-default."
+            "for example a stable name like chat-default; no '/'."
         ),
         json_schema_extra={
             "x-kubernetes-list-type": "set",
+            "x-kubernetes-validations": [_cel("self.all(a, !a.contains('/'))", f"aliases {NO_SLASH_MESSAGE}")],
         },
     )
     token_secret_ref: SecretKeyRef | None = Field(
@@ -136,9 +144,18 @@ class ModelSpec(ApiModel):
             raise ValueError(f"malformed model source {value!r}: expected {scheme}://BUCKET_OR_ORG/PATH without spaces")
         return value
 
+    @field_validator("served_name")
+    @classmethod
+    def _served_name_has_no_slash(cls, value: str | None) -> str | None:
+        if value is not None and "/" in value:
+            raise ValueError(f"servedName {NO_SLASH_MESSAGE}")
+        return value
+
     @field_validator("aliases")
     @classmethod
     def _unique_aliases(cls, value: list[str]) -> list[str]:
+        if any("/" in alias for alias in value):
+            raise ValueError(f"aliases {NO_SLASH_MESSAGE}")
         if len(set(value)) != len(value):
             raise ValueError("aliases must be unique")
         return value

@@ -199,7 +199,7 @@ class Gateway:
         data = [
             {"id": name, "object": "model", "created": route.created, "owned_by": route.owned_by}
             for name, route in self.routes.table.listed
-            if key.allows(route.names)
+            if key.allows(route)
         ]
         body = json.dumps({"object": "list", "data": data}).encode()
         return web.Response(body=body, headers=JSON_HEADERS)
@@ -207,7 +207,7 @@ class Gateway:
     def _get_model(self, request: web.BaseRequest, model: str) -> web.Response:
         key = self._authenticate(request)
         route = self.routes.table.lookup(model)
-        if route is None or not key.allows(route.names):
+        if route is None or not key.allows(route):
             raise errors.model_not_found(model)
         card = {
             "id": model,
@@ -260,7 +260,7 @@ class Gateway:
             body = await self._read_body(request)
             model, stream = parse_request(body)
             route = self.routes.table.lookup(model)
-            if route is None or not key.allows(route.names):
+            if route is None or not key.allows(route):
                 raise errors.model_not_found(model)
             label = route.model
             if model != route.model:
@@ -506,7 +506,7 @@ class Gateway:
                             await sse.prepare(request)
                         await sse.write(KEEPALIVE_COMMENT)
                 current = self.routes.table.lookup(model)
-                if current is None or not key.allows(current.names):
+                if current is None or not key.allows(current):
                     exc = errors.model_not_found(model)
                     if sse is None:
                         raise exc

@@ -13,6 +13,8 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from .routing import Route
+
 log = logging.getLogger(__name__)
 
 KEY_LABEL = "llmep.io/api-key"
@@ -24,8 +26,14 @@ class ApiKey:
     digest: bytes = b""
     models: frozenset[str] | None = None  # None: every model
 
-    def allows(self, names: frozenset[str]) -> bool:
-        return self.models is None or not self.models.isdisjoint(names)
+    def allows(self, route: Route) -> bool:
+        """Scopes name models as `name` (the endpoint that owns the plain name), `namespace/name`
+        or `namespace/*` (every endpoint of that namespace)."""
+        if self.models is None:
+            return True
+        if route.namespace is not None and f"{route.namespace}/*" in self.models:
+            return True
+        return not self.models.isdisjoint(route.names)
 
     def __repr__(self) -> str:  # keep digests out of logs and tracebacks
         return f"ApiKey(name={self.name!r})"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class Route:
     owned_by: str
     created: int
     names: frozenset[str] = field(default_factory=frozenset)  # every id that routes here
+    namespace: str | None = None  # the LLMEndpoint's namespace; None in local mode
     key: str = ""  # identity of the backend, stable across table rebuilds
     bases: tuple[str, ...] = ()  # every replica's base URL, ``base`` first; chosen round-robin
 
@@ -50,51 +51,62 @@ class RoutingTable:
 EMPTY_TABLE = RoutingTable(by_name={}, listed=())
 
 
-def build_table(backends: Iterable[Backend]) -> RoutingTable:
+def _claims_plain_names(backend: Backend, plain_name_namespaces: Collection[str]) -> bool:
+    return backend.namespace is None or "*" in plain_name_namespaces or backend.namespace in plain_name_namespaces
+
+
+def build_table(backends: Iterable[Backend], plain_name_namespaces: Collection[str] = ("*",)) -> RoutingTable:
     """Resolve names to routes deterministically.
 
-    An unqualified name belongs to the oldest backend claiming it (ties: namespace, then
-    object name); later claimants are logged and stay reachable as ``namespace/name``.
+    ``namespace/name`` always resolves to that namespace's endpoint serving ``name`` (the oldest,
+    if several). A plain name resolves only where endpoints of exactly one namespace claim it,
+    and only namespaces in ``plain_name_namespaces`` ("*": all) may claim plain names: a name
+    claimed from two namespaces is ambiguous and resolves to nothing, so no endpoint can take
+    over another namespace's name, whatever their ages. Local-mode backends (no namespace)
+    always claim their names.
     """
     ordered = sorted(
         (b for b in backends if b.models),
         key=lambda b: (b.created, b.namespace or "", b.name or "", b.url or ""),
     )
+    claimants: dict[str, list[Backend]] = {}
+    for backend in ordered:
+        if _claims_plain_names(backend, plain_name_namespaces):
+            for name in dict.fromkeys(backend.models):
+                claimants.setdefault(name, []).append(backend)
+    owner: dict[str, Backend] = {}
+    for name, claiming in claimants.items():
+        namespaces = sorted({b.namespace or "" for b in claiming})
+        if len(namespaces) > 1:
+            log.warning("model name %r is claimed from namespaces %s: ask for it as namespace/name", name, namespaces)
+        else:
+            owner[name] = claiming[0]
     by_name: dict[str, Route] = {}
     listed: list[tuple[str, Route]] = []
     for backend in ordered:
         served = backend.models[0]
+        owned = tuple(m for m in dict.fromkeys(backend.models) if owner.get(m) is backend)
         qualified = (
             tuple(f"{backend.namespace}/{m}" for m in backend.models) if backend.namespace else ()
         )
-        names = frozenset(backend.models) | frozenset(qualified)
         route = Route(
             model=served,
             base=backend.url.rstrip("/") if backend.url else None,
             ready=backend.ready and bool(backend.url),
             owned_by=backend.namespace or "llmep",
             created=int(backend.created),
-            names=names,
+            names=frozenset(owned) | frozenset(qualified),
+            namespace=backend.namespace,
             key=f"{backend.namespace or ''}/{backend.name or served}",
             bases=tuple(u.rstrip("/") for u in (backend.url, *backend.extra_urls)) if backend.url else (),
         )
-        for name in backend.models:
-            if name in by_name:
-                log.warning(
-                    "model name %r of %s is already served by %s; reachable as %s/%s",
-                    name,
-                    route.key,
-                    by_name[name].key,
-                    backend.namespace,
-                    name,
-                )
-                continue
+        for name in owned:
             by_name[name] = route
             listed.append((name, route))
         for name, qualified_name in zip(backend.models, qualified, strict=False):
             by_name.setdefault(qualified_name, route)
             # List the qualified id only where it is the one way to reach this backend.
-            if by_name[qualified_name] is route and by_name.get(name) is not route:
+            if by_name[qualified_name] is route and name not in owned:
                 listed.append((qualified_name, route))
     return RoutingTable(by_name=by_name, listed=tuple(listed))
 

@@ -171,7 +171,7 @@ class GatewayServer:
         s = self.settings
 
         def set_backends(backends: list[Any]) -> None:
-            self.routes.replace(build_table(backends))
+            self.routes.replace(build_table(backends, s.plain_name_namespaces))
 
         if s.keys_file is not None:
             keys = FileSource(s.keys_file, parse_keys, self.keys.replace, "API keys")

@@ -51,6 +51,12 @@ class GatewaySettings(BaseSettings):
         description="Namespaces whose LLMEndpoints are routed (comma-separated); '*' is all; "
         "empty is the gateway's own namespace.",
     )
+    plain_name_namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["*"],
+        description="Namespaces whose LLMEndpoints answer to plain model names (comma-separated); "
+        "'*' is all. Every endpoint answers to namespace/name. A plain name claimed from two "
+        "namespaces is ambiguous and answers 404 until one of them drops it.",
+    )
     kubeconfig: Path | None = Field(
         None, description="Kubeconfig for running outside a cluster; default: in-cluster."
     )
@@ -122,7 +128,7 @@ class GatewaySettings(BaseSettings):
             raise ValueError(f"backend_url_template must be an http:// or https:// URL, got {value!r}")
         return value
 
-    @field_validator("watch_namespaces", mode="before")
+    @field_validator("watch_namespaces", "plain_name_namespaces", mode="before")
     @classmethod
     def _split_namespaces(cls, value: object) -> object:
         if isinstance(value, str):

@@ -116,22 +116,67 @@ def test_endpoint_without_status_yet_is_held_under_its_spec_names():
     assert backend.url is None and backend.ready is False
 
 
-def test_same_name_in_two_namespaces_goes_to_the_oldest_and_both_stay_reachable():
-    older = endpoint("m", "team-b", created="2026-01-01T00:00:00Z")
+def test_a_plain_name_claimed_from_two_namespaces_is_nobodys_and_both_stay_reachable():
+    """Hijack by age: an older endpoint in team-b named like team-a's no longer takes its traffic."""
+    squatter = endpoint("m", "team-b", created="2026-01-01T00:00:00Z")
+    owner = endpoint("m", "team-a", created="2026-02-01T00:00:00Z")
+
+    table = build_table(backends_from_endpoints([owner, squatter]))
+
+    assert table.lookup("m") is None
+    assert table.lookup("team-a/m").owned_by == "team-a"
+    assert table.lookup("team-b/m").owned_by == "team-b"
+    assert sorted(name for name, _ in table.listed) == ["team-a/m", "team-b/m"]
+
+
+def test_only_allowed_namespaces_claim_plain_names_whatever_their_age():
+    squatter = endpoint("m", "team-b", created="2026-01-01T00:00:00Z")
+    owner = endpoint("m", "team-a", created="2026-02-01T00:00:00Z")
+
+    table = build_table(backends_from_endpoints([owner, squatter]), plain_name_namespaces=["team-a"])
+
+    assert table.lookup("m").owned_by == "team-a"
+    assert table.lookup("team-b/m").owned_by == "team-b"
+    assert sorted(name for name, _ in table.listed) == ["m", "team-b/m"]
+
+
+def test_within_one_namespace_the_oldest_keeps_a_name():
+    older = endpoint("m", "team-a", created="2026-01-01T00:00:00Z")
+    older["metadata"]["name"] = "m-old"
     newer = endpoint("m", "team-a", created="2026-02-01T00:00:00Z")
 
     table = build_table(backends_from_endpoints([newer, older]))
 
-    assert table.lookup("m").owned_by == "team-b"
-    assert table.lookup("team-a/m").owned_by == "team-a"
-    assert table.lookup("team-b/m").owned_by == "team-b"
-    assert [name for name, _ in table.listed] == ["m", "team-a/m"]
+    assert table.lookup("m").key == "team-a/m-old"
 
 
-def test_collision_with_equal_creation_times_is_decided_by_namespace():
-    table = build_table(backends_from_endpoints([endpoint("m", "zz"), endpoint("m", "aa")]))
+def test_a_qualified_name_never_reaches_another_namespace():
+    """team-b cannot answer to team-a/m: names with '/' are refused at admission, and a qualified
+    name is built only from an endpoint's own namespace."""
+    table = build_table(backends_from_endpoints([endpoint("m", "team-b")]))
 
-    assert table.lookup("m").owned_by == "aa"
+    assert table.lookup("team-a/m") is None
+
+
+@pytest.mark.parametrize(
+    ("scopes", "reaches"),
+    [
+        ("m", {"m", "team-a/m"}),  # a plain scope: only the endpoint that owns the plain name
+        ("team-a/m", {"m", "team-a/m"}),
+        ("team-b/*", {"team-b/m", "team-b/other"}),
+        ("team-a/*,team-b/other", {"m", "team-a/m", "team-b/other"}),
+    ],
+)
+def test_key_scopes_name_plain_qualified_and_whole_namespaces(scopes, reaches):
+    owner = endpoint("m", "team-a", created="2026-01-01T00:00:00Z")
+    other_m = endpoint("m", "team-b", created="2026-02-01T00:00:00Z")
+    other = endpoint("other", "team-b")
+    table = build_table(backends_from_endpoints([owner, other_m, other]), plain_name_namespaces=["team-a"])
+    key = key_from_secret("k", {"key": b64("sk-x"), "models": b64(scopes)})
+
+    reached = {name for name in ("m", "team-a/m", "team-b/m", "team-b/other") if key.allows(table.lookup(name))}
+
+    assert reached == reaches
 
 
 # -- routes file -------------------------------------------------------------------------
