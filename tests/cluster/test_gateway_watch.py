@@ -121,6 +121,10 @@ def set_status(cluster, namespace: str, name: str, url: str, ready: bool) -> Non
     )
 
 
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
 async def eventually(check, timeout: float = 30.0):
     async with asyncio.timeout(timeout):
         while True:
@@ -256,3 +260,116 @@ async def test_a_forged_status_url_does_not_redirect_traffic(cluster, namespace,
         await server.stop()
         await real.cleanup()
         await collector.cleanup()
+
+
+async def test_name_hijack_and_key_scopes_across_namespaces(cluster, namespace, crd, tmp_path):
+    """Attacks from another namespace, against the real API server and the gateway's own RBAC:
+
+    - a name with '/' that would take over `team-a/<name>` is refused at admission;
+    - an endpoint in a second namespace with the same plain name, created first, does not receive
+      the first namespace's traffic: the plain name answers neither, the qualified names each;
+    - a key scoped to `<ns>/*` reaches that namespace only.
+    """
+    other = f"{namespace}-b"
+    cluster.core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=other)))
+    kubeconfig = gateway_identity(cluster, namespace, tmp_path)
+    for ns in (other,):  # the gateway reads endpoints there too: the same Role, bound there
+        cluster.rbac.create_namespaced_role(
+            ns,
+            k8s.V1Role(
+                metadata=k8s.V1ObjectMeta(name="llmep-gateway"),
+                rules=[k8s.V1PolicyRule(api_groups=[GROUP], resources=[PLURAL], verbs=["get", "list", "watch"])],
+            ),
+        )
+        cluster.rbac.create_namespaced_role_binding(
+            ns,
+            k8s.V1RoleBinding(
+                metadata=k8s.V1ObjectMeta(name="llmep-gateway"),
+                role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="llmep-gateway"),
+                subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name="llmep-gateway", namespace=namespace)],
+            ),
+        )
+
+    async def answer(request: web.Request) -> web.Response:
+        body = await request.json()
+        content = f"{request.match_info['ns']}/{request.match_info['name']}"
+        message = {"role": "assistant", "content": content}
+        choice = {"index": 0, "finish_reason": "stop", "message": message}
+        reply = {"id": "x", "object": "chat.completion", "created": 1, "model": body["model"], "choices": [choice]}
+        return web.json_response(reply)
+
+    app = web.Application()
+    app.router.add_post("/{ns}/{name}/v1/chat/completions", answer)
+    backend = web.AppRunner(app)
+    await backend.setup()
+    await web.TCPSite(backend, "127.0.0.1", 0).start()
+    template = f"http://127.0.0.1:{backend.addresses[0][1]}/{{namespace}}/{{name}}/v1"
+
+    squat = load_fixture(FIXTURES / "valid" / "minimal.yaml")
+    squat["metadata"] = {"name": "squat"}
+    squat["spec"]["model"]["servedName"] = f"{namespace}/llama"
+    with pytest.raises(k8s.ApiException) as refused:
+        cluster.custom.create_namespaced_custom_object(GROUP, VERSION, other, PLURAL, squat)
+    assert refused.value.status == 422 and "spec.model.servedName" in refused.value.body, refused.value.body
+    assert "must not contain '/'" in refused.value.body
+
+    for ns in (other, namespace):  # the squatter's endpoint is the older one
+        endpoint = load_fixture(FIXTURES / "valid" / "minimal.yaml")
+        endpoint["metadata"] = {"name": "llama"}
+        cluster.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, endpoint)
+        set_status(cluster, ns, "llama", "http://unused/v1", ready=True)
+    keys = {"all-of-b": f"{other}/*", "plain": "llama"}
+    for name, scope in keys.items():
+        cluster.core.create_namespaced_secret(
+            namespace,
+            k8s.V1Secret(
+                metadata=k8s.V1ObjectMeta(name=name, labels={"llmep.io/api-key": "true"}),
+                data={"key": b64(f"sk-{name}"), "models": b64(scope)},
+            ),
+        )
+    cluster.core.create_namespaced_secret(
+        namespace,
+        k8s.V1Secret(
+            metadata=k8s.V1ObjectMeta(name="admin", labels={"llmep.io/api-key": "true"}),
+            data={"key": b64("sk-admin")},
+        ),
+    )
+    server = GatewayServer(
+        GatewaySettings(
+            host="127.0.0.1",
+            port=0,
+            kubeconfig=kubeconfig,
+            namespace=namespace,
+            watch_namespaces=[namespace, other],
+            wake_backend=False,
+            hold_deadline=0,
+            backend_url_template=template,
+        )
+    )
+    await server.start()
+    gw = f"http://127.0.0.1:{server.port}/v1"
+
+    async def ask(key: str, model: str) -> str:
+        c = openai.AsyncOpenAI(base_url=gw, api_key=key, max_retries=0)
+        try:
+            reply = await c.chat.completions.create(model=model, messages=[{"role": "user", "content": "secret"}])
+        except openai.NotFoundError:
+            return "404"
+        return reply.choices[0].message.content
+
+    try:
+
+        async def both_routed():
+            assert await ask("sk-admin", f"{other}/llama") == f"{other}/llama"
+            return True
+
+        await eventually(both_routed)
+        assert await ask("sk-admin", f"{namespace}/llama") == f"{namespace}/llama"
+        assert await ask("sk-admin", "llama") == "404"  # claimed from two namespaces: nobody's
+        assert await ask("sk-all-of-b", f"{other}/llama") == f"{other}/llama"
+        assert await ask("sk-all-of-b", f"{namespace}/llama") == "404"
+        assert await ask("sk-plain", f"{other}/llama") == "404"  # a plain scope never reaches a non-owner
+    finally:
+        await server.stop()
+        await backend.cleanup()
+        cluster.core.delete_namespace(other)
