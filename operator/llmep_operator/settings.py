@@ -124,6 +124,46 @@ def default_profiles() -> dict[str, ResourceProfile]:
     }
 
 
+class OperatorPolicy(BaseModel):
+    """What the creator of an LLMEndpoint may choose, as the cluster admin allows it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allowed_images: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Images (shell-style patterns, e.g. registry.example.com/ray-llm:*) an endpoint's"
+            " spec.image may name. Empty: only the images these settings name (image, head_image,"
+            " the profiles' images)."
+        ),
+    )
+    refused_engine_args: list[str] = Field(
+        default_factory=lambda: [
+            "trust_remote_code",
+            "worker_cls",
+            "worker_extension_cls",
+            "allowed_local_media_path",
+            "hf_token",
+        ],
+        description=(
+            "spec.engine.extraArgs keys refused: they run code from the model repository or"
+            " load classes by name (trust_remote_code, worker_cls, worker_extension_cls), read"
+            " the pod's files (allowed_local_media_path) or carry a credential. Remove one to allow it."
+        ),
+    )
+    refused_env: list[str] = Field(
+        default_factory=lambda: [
+            *("LD_*", "PYTHON*", "VLLM_PLUGINS", "RAY_*"),
+            *("HF_ENDPOINT", "HF_TOKEN", "HUGGING_FACE_*"),
+        ],
+        description=(
+            "spec.engine.env names refused (shell-style patterns): they load code into the engine"
+            " (LD_*, PYTHON*, VLLM_PLUGINS), change Ray itself (RAY_*), or send the model token"
+            " elsewhere (HF_ENDPOINT). Remove one to allow it."
+        ),
+    )
+
+
 class OperatorSettings(BaseSettings):
     """Everything the operator needs to know besides the LLMEndpoints themselves."""
 
@@ -166,6 +206,9 @@ class OperatorSettings(BaseSettings):
         default="svc", description="Suffix of in-cluster service URLs (svc or svc.cluster.local)."
     )
     serve_port: int = Field(default=8000, description="Ray Serve's HTTP port.")
+    policy: OperatorPolicy = Field(
+        default_factory=OperatorPolicy, description="What endpoint specs may choose (images, engine args, env)."
+    )
     serving_path: Literal["direct", "proxy"] = Field(
         default="direct",
         description=(
@@ -194,6 +237,12 @@ class OperatorSettings(BaseSettings):
                 + ", ".join(sorted(self.profiles))
             )
         return self
+
+    @property
+    def configured_images(self) -> set[str]:
+        """Every serving image these settings name: the default for spec.image's allowlist."""
+        images = {self.image, *(p.image for p in self.profiles.values() if p.image)}
+        return images | ({self.head_image} if self.head_image else set())
 
     def profile(self, name: str) -> ResourceProfile | None:
         return self.profiles.get(self.default_profile if name == "default" else name)

@@ -8,6 +8,7 @@ from typing import Any
 from llmep_operator import naming
 from llmep_operator.api import LLMEndpoint
 from llmep_operator.errors import InvalidSpec
+from llmep_operator.render.policy import check_policy
 from llmep_operator.render.serving_path import ray_process_env
 from llmep_operator.settings import OperatorSettings, ResourceProfile
 
@@ -93,6 +94,7 @@ def _secret_env(endpoint: LLMEndpoint) -> list[dict[str, Any]]:
 
 
 def make_plan(endpoint: LLMEndpoint, settings: OperatorSettings) -> ServingPlan:
+    check_policy(endpoint, settings)
     resources = endpoint.spec.resources
     profile = settings.profile(resources.profile_name)
     if profile is None:

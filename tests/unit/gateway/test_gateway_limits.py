@@ -136,10 +136,10 @@ async def test_absolute_form_request_target_is_not_forwarded(backend_factory, ga
 async def test_per_key_concurrency_over_the_limit_is_429_with_retry_after(
     backend_factory, gateway_factory
 ):
-    _, gw = await one_backend(
+    backend, gw = await one_backend(
         backend_factory,
         gateway_factory,
-        backend={"delay": 0.5},
+        backend={"delay": 2.0},
         max_concurrency_per_key=1,
         retry_after_seconds=2,
         keys=[{"name": "a", "key": "sk-a"}, {"name": "b", "key": "sk-b"}],
@@ -147,7 +147,9 @@ async def test_per_key_concurrency_over_the_limit_is_429_with_retry_after(
     first = asyncio.create_task(
         client(gw.url, "sk-a").chat.completions.create(model="m", messages=[])
     )
-    await asyncio.sleep(0.2)
+    async with asyncio.timeout(10):  # the first request holds key a's one slot once it is at the backend
+        while not backend.requests:
+            await asyncio.sleep(0.01)
 
     with pytest.raises(openai.RateLimitError) as err:
         await client(gw.url, "sk-a").chat.completions.create(model="m", messages=[])
