@@ -50,12 +50,16 @@ def _container(plan: ServingPlan, name: str, image: str, resources: dict, ports:
     return container
 
 
-def _pod_template(plan: ServingPlan, container: dict, node_selector: dict, tolerations: list) -> dict:
+def _pod_template(
+    plan: ServingPlan, container: dict, node_selector: dict, tolerations: list, *, api_token: bool
+) -> dict:
     spec: dict[str, Any] = {
         "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": [*writable_volumes()["volumes"], *plan.volumes],
     }
+    if not api_token:
+        spec["automountServiceAccountToken"] = False
     if node_selector:
         spec["nodeSelector"] = dict(node_selector)
     if tolerations:
@@ -81,7 +85,9 @@ def _head_group(plan: ServingPlan, settings: OperatorSettings) -> dict[str, Any]
     return {
         # The head schedules no replicas: GPU work goes to workers, which the autoscaler adds.
         "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},  # noqa: S104 - inside the pod
-        "template": _pod_template(plan, container, settings.head_node_selector, []),
+        # The head keeps a token: its autoscaler sidecar scales workers through KubeRay's own
+        # ServiceAccount for this cluster (never the namespace's default one).
+        "template": _pod_template(plan, container, settings.head_node_selector, [], api_token=True),
     }
 
 
@@ -108,7 +114,8 @@ def _worker_group(plan: ServingPlan, settings: OperatorSettings) -> dict[str, An
         "maxReplicas": plan.max_workers,
         "numOfHosts": 1,
         "rayStartParams": {"num-cpus": str(profile.ray_num_cpus)} if profile.ray_num_cpus else {},
-        "template": _pod_template(plan, container, profile.node_selector, tolerations),
+        # Workers run the engines and the model's code: no Kubernetes credentials at all.
+        "template": _pod_template(plan, container, profile.node_selector, tolerations, api_token=False),
     }
 
 
