@@ -185,10 +185,13 @@ class Gateway:
             return error_response(errors.internal_error())
 
     def _authenticate(self, request: web.BaseRequest) -> ApiKey:
-        key = self.keys.authenticate(request.headers.get("Authorization"))
+        authorization = request.headers.get("Authorization")
+        key = self.keys.authenticate(authorization)
         if key is not None:
             return key
-        if self.settings.anonymous:
+        # Anonymous mode serves requests without a key; a key the gateway does not know is
+        # refused as soon as it knows any (a typo or a revoked key is a 401, never full access).
+        if self.settings.anonymous and not (authorization and len(self.keys)):
             return ANONYMOUS
         raise errors.invalid_api_key()
 

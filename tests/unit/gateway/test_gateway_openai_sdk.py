@@ -343,6 +343,18 @@ async def test_anonymous_mode_needs_no_key(backend_factory, gateway_factory):
     assert reply.json()["choices"][0]["message"]["content"] == "from backend-a"
 
 
+async def test_anonymous_mode_refuses_a_key_it_does_not_know(backend_factory, gateway_factory):
+    """Anonymous requests carry no key; a wrong or revoked key is a 401, never a way in."""
+    _, _, gw = await keyed_gateway(backend_factory, gateway_factory, anonymous=True)
+
+    with pytest.raises(openai.AuthenticationError):
+        await client(gw.url, key="sk-wrong").models.list()
+    async with httpx.AsyncClient() as h:
+        no_key = await h.get(f"{gw.url}/models")
+    assert no_key.status_code == 200
+    assert (await client(gw.url, key=GOOD_KEY).models.list()).data
+
+
 async def test_keys_file_changes_apply_without_restart(backend_factory, gateway_factory):
     _, _, gw = await keyed_gateway(backend_factory, gateway_factory)
     c = client(gw.url, key="sk-new-key")
