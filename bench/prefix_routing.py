@@ -4,7 +4,7 @@ Two replicas of the tiny model, rendered by the operator for `spec.routing.polic
 LeastLoaded and then PrefixCacheAffinity (the direct serving path, as rendered), each fed the
 same seeded traffic: conversations that resend one of `--prefixes` long system prompts with a
 new question each time, `--concurrency` at once. Each replica's KV cache is cut to
-`--kv-blocks` blocks of 16 tokens, so it holds only part of the prefixes, as a busy GPU
+`--kv-blocks` blocks of 32 tokens, so it holds only part of the prefixes, as a busy GPU
 replica does: where a request lands decides whether its prefix is still cached.
 
 Reported per policy: vLLM's prefix-cache hit rate as the responses count it
@@ -13,7 +13,7 @@ streamed requests; then the ratios. The two policies run one after the other (tw
 each at once do not fit in this machine's memory beside each other), so the load average at
 each start is printed.
 
-    .venv/bin/python bench/prefix_routing.py [--requests 160] [--prefixes 8] [--kv-blocks 48]
+    .venv/bin/python bench/prefix_routing.py [--requests 160] [--prefixes 8] [--kv-blocks 24]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from llmep_serving.tinymodel import ensure_tiny_model, load_corpus, tiny_ray_app
 SERVED = "tiny"
 ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 POLICIES = ("LeastLoaded", "PrefixCacheAffinity")
-BLOCK_SIZE = 16
+BLOCK_SIZE = 32  # vLLM's CPU attention takes multiples of 32
 
 
 @dataclass
@@ -141,7 +141,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=160)
     parser.add_argument("--prefixes", type=int, default=8, help="distinct system prompts")
     parser.add_argument("--prefix-words", type=int, default=150, help="words per system prompt")
-    parser.add_argument("--kv-blocks", type=int, default=48, help=f"KV cache blocks of {BLOCK_SIZE} tokens per replica")
+    parser.add_argument("--kv-blocks", type=int, default=24, help=f"KV cache blocks of {BLOCK_SIZE} tokens per replica")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
