@@ -112,6 +112,8 @@ def test_direct_path_passes_rays_direct_streaming_checks(endpoint):
 
 
 def test_prefix_cache_affinity_names_a_router_serve_can_load():
+    import inspect
+
     from ray.serve.config import RequestRouterConfig
     from ray.serve.llm.request_router import PrefixCacheAffinityRouter
 
@@ -119,6 +121,9 @@ def test_prefix_cache_affinity_names_a_router_serve_can_load():
     llm = LLMConfig.model_validate(build_serve_config(endpoint, SETTINGS)["applications"][0]["args"]["llm_configs"][0])
     router = RequestRouterConfig.model_validate(llm.deployment_config["request_router_config"])
     assert router.get_request_router_class() is PrefixCacheAffinityRouter
+    # Every kwarg is one the router's initialize_state takes.
+    accepted = inspect.signature(PrefixCacheAffinityRouter.initialize_state).parameters
+    assert set(router.request_router_kwargs) <= set(accepted), router.request_router_kwargs
 
 
 def test_every_rendered_switch_is_one_ray_reads():

@@ -82,7 +82,9 @@ def test_prefix_cache_affinity_renders_rays_router_on_either_path(serving_path):
     rayservice = build_rayservice(_endpoint(routing={"policy": "PrefixCacheAffinity"}), settings)
     (llm,) = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"]["llm_configs"]
     assert llm["deployment_config"]["request_router_config"] == {
-        "request_router_class": "ray.serve.llm.request_router.PrefixCacheAffinityRouter"
+        "request_router_class": "ray.serve.llm.request_router.PrefixCacheAffinityRouter",
+        # the endpoint's targetQueueDepth (default 8): beyond that imbalance, least-loaded wins
+        "request_router_kwargs": {"imbalanced_threshold": 8},
     }
     forwarded = {_env(c).get("RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY") for c in _ray_containers(rayservice)}
     # HAProxy hands the prompt to the router only when told to; the proxy path always has it.

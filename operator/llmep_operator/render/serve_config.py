@@ -67,7 +67,12 @@ def _deployment_config(plan: ServingPlan) -> dict[str, Any]:
     }
     router = REQUEST_ROUTERS.get(plan.endpoint.spec.routing.policy)
     if router:
-        config["request_router_config"] = {"request_router_class": router}
+        config["request_router_config"] = {
+            "request_router_class": router,
+            # Ray's default (no limit) sends every request with a popular prefix to one replica
+            # however long its queue; past the endpoint's own target, balance load instead.
+            "request_router_kwargs": {"imbalanced_threshold": plan.endpoint.spec.autoscaling.target_queue_depth},
+        }
     return config
 
 
