@@ -21,6 +21,7 @@ _RESOURCES = {
     ("ray.io/v1", "RayCluster"): ("/apis/ray.io/v1", "rayclusters"),
     ("v1", "Service"): ("/api/v1", "services"),
     ("v1", "PersistentVolumeClaim"): ("/api/v1", "persistentvolumeclaims"),
+    ("networking.k8s.io/v1", "NetworkPolicy"): ("/apis/networking.k8s.io/v1", "networkpolicies"),
     (f"{GROUP}/{VERSION}", KIND): (f"/apis/{GROUP}/{VERSION}", PLURAL),
 }
 

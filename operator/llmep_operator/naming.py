@@ -47,3 +47,7 @@ def labels(endpoint: str) -> dict[str, str]:
 
 def service_url(endpoint: str, namespace: str, domain: str, port: int) -> str:
     return f"http://{serve_service_name(endpoint)}.{namespace}.{domain}:{port}/v1"
+
+
+def network_policy_name(endpoint: str) -> str:
+    return _checked(f"{endpoint}-ray")

@@ -164,6 +164,38 @@ class OperatorPolicy(BaseModel):
     )
 
 
+class EndpointNetworkPolicy(BaseModel):
+    """A NetworkPolicy per endpoint: its Ray pods reachable only as llmep needs them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(
+        default=False,
+        description=(
+            "Render a NetworkPolicy per endpoint: Ray's ports only between the endpoint's own pods,"
+            " the Serve port from the gateway, KubeRay and the namespaces in spec.access, the"
+            " dashboard from KubeRay. Needs a CNI that enforces NetworkPolicy. The chart sets it"
+            " with networkPolicy.enabled."
+        ),
+    )
+    gateway_namespace: str = Field(default="llmep-system", description="Namespace of the gateway pods.")
+    gateway_pod_labels: dict[str, str] = Field(
+        default_factory=lambda: {"app.kubernetes.io/component": "gateway"},
+        description="Labels that select the gateway pods.",
+    )
+    kuberay_namespace: str = Field(
+        default="", description="Namespace of the KubeRay operator; empty: any namespace."
+    )
+    kuberay_pod_labels: dict[str, str] = Field(
+        default_factory=lambda: {"app.kubernetes.io/component": "kuberay-operator"},
+        description="Labels that select the KubeRay operator pods.",
+    )
+    metrics_from_anywhere: bool = Field(
+        default=True,
+        description="Let any pod in the cluster scrape Ray's metrics port (8080), e.g. Prometheus.",
+    )
+
+
 class OperatorSettings(BaseSettings):
     """Everything the operator needs to know besides the LLMEndpoints themselves."""
 
@@ -206,6 +238,9 @@ class OperatorSettings(BaseSettings):
         default="svc", description="Suffix of in-cluster service URLs (svc or svc.cluster.local)."
     )
     serve_port: int = Field(default=8000, description="Ray Serve's HTTP port.")
+    network_policy: EndpointNetworkPolicy = Field(
+        default_factory=EndpointNetworkPolicy, description="A NetworkPolicy per endpoint (off by default)."
+    )
     policy: OperatorPolicy = Field(
         default_factory=OperatorPolicy, description="What endpoint specs may choose (images, engine args, env)."
     )

@@ -96,6 +96,32 @@ def test_chart_default_profiles_match_the_operators_builtin_ones(tmp_path, monke
     assert rendered.ray_version == builtin.ray_version
 
 
+def test_network_policy_values_reach_the_operator_and_its_rbac(tmp_path, monkeypatch):
+    """With networkPolicy.enabled the operator renders one per endpoint: it learns the gateway's
+    namespace and pod labels from the chart, and may apply NetworkPolicies (and only then)."""
+    sets = {"networkPolicy.enabled": "true", "networkPolicy.kuberayNamespace": "kuberay-system"}
+    objects = template(sets=sets)
+    settings = operator_settings_from(objects, tmp_path, monkeypatch)
+    gateway = by_kind(objects, "Deployment")["llmep-gateway"]
+
+    assert settings.network_policy.enabled
+    assert settings.network_policy.gateway_namespace == "llmep-system"
+    pod_labels = gateway["spec"]["template"]["metadata"]["labels"]
+    assert settings.network_policy.gateway_pod_labels.items() <= pod_labels.items()
+    assert settings.network_policy.kuberay_namespace == "kuberay-system"
+
+    def may_apply_network_policies(objs) -> bool:
+        return any(
+            "networkpolicies" in rule.get("resources", []) and {"create", "patch"} <= set(rule["verbs"])
+            for obj in objs
+            if obj["kind"] in ("Role", "ClusterRole")
+            for rule in obj.get("rules", [])
+        )
+
+    assert may_apply_network_policies(objects)
+    assert not may_apply_network_policies(template())
+
+
 def test_settings_values_the_operator_rejects_fail_the_round_trip(tmp_path, monkeypatch):
     # Valid for the schema, invalid for OperatorSettings: the round trip is what catches it.
     objects = template(sets={"operator.config.default_profile": "no-such-profile"})

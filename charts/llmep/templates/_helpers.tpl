@@ -131,6 +131,12 @@ seccompProfile:
 - apiGroups: [""]
   resources: [services, persistentvolumeclaims]
   verbs: [get, list, watch, create, patch]
+{{- if .Values.networkPolicy.enabled }}
+- apiGroups: [networking.k8s.io]
+  # One per endpoint (operator setting network_policy), applied with server-side apply.
+  resources: [networkpolicies]
+  verbs: [get, create, patch]
+{{- end }}
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]

@@ -408,6 +408,23 @@ class RoutingSpec(ApiModel):
     )
 
 
+class AccessSpec(ApiModel):
+    """Who may reach this endpoint without going through the gateway."""
+
+    allowed_namespaces: list[Annotated[str, Field(max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]] = (
+        Field(
+            default_factory=list,
+            max_length=32,
+            description=(
+                "Namespaces whose pods may call the Serve port (8000) directly, bypassing the "
+                "gateway's keys and limits. Enforced where the operator renders NetworkPolicies "
+                "(operator setting network_policy.enabled); the gateway and KubeRay always may."
+            ),
+            json_schema_extra={"x-kubernetes-list-type": "set"},
+        )
+    )
+
+
 class CacheSpec(ApiModel):
     """A shared volume that keeps downloaded weights across replicas and restarts."""
 
@@ -451,6 +468,9 @@ class LLMEndpointSpec(ApiModel):
     cache: CacheSpec = Field(default_factory=CacheSpec, description="Weight cache volume.")
     routing: RoutingSpec = Field(
         default_factory=RoutingSpec, description="How requests are spread over the replicas."
+    )
+    access: AccessSpec = Field(
+        default_factory=AccessSpec, description="Direct access to the Serve port, besides the gateway."
     )
     image: str | None = Field(
         default=None,

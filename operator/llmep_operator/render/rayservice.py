@@ -7,6 +7,7 @@ from typing import Any
 
 from llmep_operator import naming
 from llmep_operator.api import LLMEndpoint
+from llmep_operator.render.network_policy import network_policy_for
 from llmep_operator.render.plan import ServingPlan, make_plan, quantity_times
 from llmep_operator.render.security import container_security_context, pod_security_context, writable_volumes
 from llmep_operator.render.serve_config import render_serve_config, serve_config_for
@@ -203,4 +204,10 @@ def build_children(endpoint: LLMEndpoint, settings: OperatorSettings, owner_uid:
 def children_for(plan: ServingPlan, settings: OperatorSettings, owner_uid: str | None = None) -> list[dict]:
     """build_children for a plan already made (the reconciler has one): the plan is made once."""
     pvc = _cache_pvc(plan, owner_uid)
-    return [*([pvc] if pvc else []), _rayservice(plan, settings, owner_uid), _serve_service(plan, settings, owner_uid)]
+    policy = network_policy_for(plan, settings, _metadata(plan, naming.network_policy_name(plan.name), owner_uid))
+    return [
+        *([policy] if policy else []),  # before the pods exist, so they are never reachable unguarded
+        *([pvc] if pvc else []),
+        _rayservice(plan, settings, owner_uid),
+        _serve_service(plan, settings, owner_uid),
+    ]
