@@ -147,7 +147,12 @@ def test_rendered_gateway_env_loads_into_gateway_settings(values_file, monkeypat
     settings = GatewaySettings()
 
     assert container["args"] == ["gateway"]
-    assert container["ports"] == [{"name": "http", "containerPort": settings.port, "protocol": "TCP"}]
+    assert container["ports"] == [
+        {"name": "http", "containerPort": settings.port, "protocol": "TCP"},
+        # /metrics (every namespace's model names) on its own port, which no Ingress exposes.
+        {"name": "metrics", "containerPort": settings.metrics_port, "protocol": "TCP"},
+    ]
+    assert settings.metrics_port not in (None, settings.port)
     assert settings.namespace == "llmep-system"
     namespaces = values_of(values_file).get("watchNamespaces")
     assert settings.watch_namespaces == (namespaces or ["*"])
@@ -183,7 +188,10 @@ def test_gateway_service_is_llmep_gateway_port_80_to_the_gateways_port():
     objects = template(release="my-release")
     service = by_kind(objects, "Service")["llmep-gateway"]
     assert service["metadata"]["namespace"] == "llmep-system"
-    assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+        {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"},
+    ]
     assert GatewaySettings.model_fields["port"].default == 8080
     deployment = by_kind(objects, "Deployment")["llmep-gateway"]
     assert deployment["spec"]["replicas"] == 2
