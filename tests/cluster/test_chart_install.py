@@ -270,6 +270,39 @@ def test_notes_give_the_base_url_and_the_gateway_reads_secrets_only_in_its_names
         assert status(lambda: core.list_namespaced_pod(namespace)) == 403
 
 
+def test_with_a_keys_namespace_the_gateway_cannot_read_the_releases_secrets(cluster, namespace):
+    """RBAC cannot narrow list/watch to labelled Secrets: gateway.keysNamespace moves the keys
+    (and the gateway's only Secret rights) to a namespace that holds nothing else, so Helm's
+    release Secrets in the release namespace are out of the gateway's reach."""
+    keys = f"{namespace}-keys"
+    cluster.core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=keys)))
+    try:
+        with installed(cluster, namespace, {"gateway.keysNamespace": keys}):
+            core = k8s.CoreV1Api(cluster.client_as("llmep-gateway", namespace))
+
+            def status(call) -> int:
+                try:
+                    call()
+                except ApiException as e:
+                    return e.status
+                return 200
+
+            cluster.wait_until(
+                lambda: status(lambda: core.list_namespaced_secret(keys)) == 200,
+                timeout=30,
+                message="the gateway's RoleBinding in the keys namespace",
+            )
+            release_secrets = cluster.core.list_namespaced_secret(namespace, label_selector="owner=helm").items
+            assert release_secrets, "helm keeps its release record as a Secret in the release namespace"
+            assert status(lambda: core.list_namespaced_secret(namespace)) == 403
+            assert status(lambda: core.read_namespaced_secret(release_secrets[0].metadata.name, namespace)) == 403
+            gateway = cluster.apps.read_namespaced_deployment("llmep-gateway", namespace)
+            env = {e.name: e.value for e in gateway.spec.template.spec.containers[0].env}
+            assert env["LLMEP_GATEWAY_NAMESPACE"] == keys
+    finally:
+        cluster.core.delete_namespace(keys)
+
+
 def test_upgrade_with_a_changed_crd_updates_it_in_the_api_server(cluster, namespace, tmp_path):
     changed = tmp_path / "llmep"
     shutil.copytree(CHART, changed)
