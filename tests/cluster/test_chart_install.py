@@ -21,6 +21,7 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
+from tests.conftest import FIXTURES, load_fixture
 from tests.helm import CHART, helm, template
 
 pytestmark = pytest.mark.cluster
@@ -32,6 +33,10 @@ CRD_FILE = REPO / "crds" / "llmendpoints.llmep.io.yaml"
 # run's client, authenticated as an earlier test's ServiceAccount).
 HANDLERS = str(REPO / "operator" / "llmep_operator" / "handlers.py")
 FAKE_IMAGE = {"image.repository": "registry.invalid/llmep/llmep", "image.tag": "test"}
+# The rig hands one CRD from release to release and applies it again after each uninstall, so
+# these releases let uninstall delete it; test_uninstall_keeps_the_crd_and_every_endpoint shows
+# the default (kept).
+RIG_VALUES = {**FAKE_IMAGE, "crds.keep": "false"}
 INSTANCE = "app.kubernetes.io/instance"
 
 
@@ -70,6 +75,9 @@ def hand_crd_to_release(cluster, release: str, namespace: str) -> None:
 
 def restore_crd(cluster) -> None:
     """Uninstall deletes the CRD; later tests of the session expect it, so apply it again."""
+    crd = read_crd(cluster)
+    if crd is not None and crd.metadata.deletion_timestamp is None:
+        cluster.apiext.delete_custom_resource_definition(CRD_NAME)  # one that uninstall kept
     cluster.wait_until(lambda: read_crd(cluster) is None, timeout=120, message=f"CRD {CRD_NAME} to be deleted")
     cluster.apply_crd(CRD_FILE)
 
@@ -90,7 +98,7 @@ def installed(
             "--wait",
             "--timeout",
             "180s",
-            *sets({**FAKE_IMAGE, **(values or {})}),
+            *sets({**RIG_VALUES, **(values or {})}),
             kubeconfig=cluster.kubeconfig,
         )
         yield release
@@ -329,7 +337,7 @@ def test_upgrade_with_a_changed_crd_updates_it_in_the_api_server(cluster, namesp
             "--wait",
             "--timeout",
             "180s",
-            *sets(FAKE_IMAGE),
+            *sets(RIG_VALUES),
             kubeconfig=cluster.kubeconfig,
         )
 
@@ -362,6 +370,36 @@ def release_objects(cluster, namespace: str, release: str) -> dict[str, list[str
     }
     found |= {kind: [o.metadata.name for o in list_(cluster, selector).items] for kind, list_ in CLUSTER_KINDS.items()}
     return {kind: names for kind, names in found.items() if names}
+
+
+def test_uninstall_keeps_the_crd_and_every_endpoint(cluster, namespace):
+    """By default `helm uninstall` leaves the LLMEndpoint CRD, so no team's endpoints (and models)
+    go with the platform's release."""
+    release = release_name(namespace)
+    hand_crd_to_release(cluster, release, namespace)
+    try:
+        helm(
+            "install", release, str(CHART), "--namespace", namespace, "--wait", "--timeout", "180s",
+            *sets(FAKE_IMAGE), kubeconfig=cluster.kubeconfig,
+        )  # fmt: skip
+        endpoint = load_fixture(FIXTURES / "valid" / "minimal.yaml")
+        endpoint["metadata"] = {"name": "survivor"}
+        cluster.custom.create_namespaced_custom_object("llmep.io", "v1alpha1", namespace, "llmendpoints", endpoint)
+        release_finalizers(cluster, namespace)
+        helm(
+            "uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s", kubeconfig=cluster.kubeconfig
+        )
+
+        crd = read_crd(cluster)
+        assert crd is not None and crd.metadata.deletion_timestamp is None
+        assert crd.metadata.annotations["helm.sh/resource-policy"] == "keep"
+        custom = cluster.custom
+        kept = custom.get_namespaced_custom_object("llmep.io", "v1alpha1", namespace, "llmendpoints", "survivor")
+        assert kept["metadata"].get("deletionTimestamp") is None
+    finally:
+        release_finalizers(cluster, namespace)
+        helm("uninstall", release, "--namespace", namespace, kubeconfig=cluster.kubeconfig, check=False)
+        restore_crd(cluster)
 
 
 def test_uninstall_removes_everything_the_release_installed(cluster, namespace):

@@ -364,6 +364,11 @@ def test_helm_uninstall_leaves_no_llmep_object(kind_cluster: KindCluster, llmep_
         kubeconfig=Path(kind_cluster.kubeconfig_path),
         timeout=400,
     )
+    # The CRD is kept (helm.sh/resource-policy: keep): uninstalling the platform must not delete
+    # every team's LLMEndpoints. Deleting it is a deliberate step of its own.
+    kept = json.loads(kind_cluster.kubectl("get", "crd", "llmendpoints.llmep.io", "-o", "json"))
+    assert kept["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    kind_cluster.kubectl("delete", "crd", "llmendpoints.llmep.io", "--wait=true", "--timeout=120s")
     crds = kind_cluster.kubectl("get", "crds", "-o", "name").split()
     assert not [c for c in crds if "llmep.io" in c], crds
     cluster_wide = kind_cluster.kubectl("get", "clusterroles,clusterrolebindings", "-o", "name").split()

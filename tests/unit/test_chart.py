@@ -298,6 +298,10 @@ def test_chart_crd_is_the_generated_one():
     chart_crd = (CHART / "templates" / "crd-llmendpoints.yaml").read_text()
     generated = (CHART.parents[1] / "crds" / "llmendpoints.llmep.io.yaml").read_text()
     rendered = by_kind(template(), "CustomResourceDefinition")["llmendpoints.llmep.io"]
+    # Kept on uninstall by default: deleting it would delete every LLMEndpoint in the cluster.
+    assert rendered["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
     assert rendered == yaml.safe_load(generated)
+    unkept = by_kind(template(sets={"crds.keep": "false"}), "CustomResourceDefinition")["llmendpoints.llmep.io"]
+    assert unkept == yaml.safe_load(generated)
     assert chart_crd.startswith("{{- if .Values.crds.enabled }}")
     assert not by_kind(template(sets={"crds.enabled": "false"}), "CustomResourceDefinition")

@@ -28,6 +28,13 @@ HEADER = (
 )
 CHART_OPEN = "{{- if .Values.crds.enabled }}\n"
 CHART_CLOSE = "{{- end }}\n"
+# `helm uninstall` would delete the CRD and with it every LLMEndpoint (and so every model).
+CHART_KEEP = (
+    "{{- if .Values.crds.keep }}\n"
+    "  annotations:\n"
+    "    helm.sh/resource-policy: keep\n"
+    "{{- end }}\n"
+)
 
 PRINTER_COLUMNS = [
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.source"},
@@ -107,7 +114,10 @@ def render_chart_crd() -> str:
     text = render_crd()
     if "{{" in text or "}}" in text:
         raise ValueError("the CRD contains '{{' or '}}', which Helm would try to template")
-    return CHART_OPEN + text + CHART_CLOSE
+    name_line = f"  name: {models.PLURAL}.{models.GROUP}\n"
+    if text.count(name_line) != 1:
+        raise ValueError(f"expected one {name_line.strip()!r} line in the CRD's metadata")
+    return CHART_OPEN + text.replace(name_line, name_line + CHART_KEEP) + CHART_CLOSE
 
 
 def outputs(root: Path) -> dict[Path, str]:
