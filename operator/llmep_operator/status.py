@@ -111,6 +111,11 @@ def judge(obs: Observation) -> Verdict:
         return Verdict(
             serving, Reason.BACKEND_FAILED, message, False, Reason.BACKEND_FAILED, True, Reason.BACKEND_FAILED, message
         )
+    if serving and ready_replicas == 0 and obs.min_replicas > 0:
+        # KubeRay marks the head ready as soon as its HTTP ingress answers, before any model
+        # replica can: Ready waits for a replica, unless the endpoint may scale to zero.
+        message = app_message or "the Ray cluster answers; no model replica is ready yet"
+        return Verdict(False, Reason.LOADING_MODEL, message, True, Reason.LOADING_MODEL, False, Reason.AS_EXPECTED)
     if serving:
         scaled_to_zero = ready_replicas == 0 and obs.min_replicas == 0
         reason = Reason.SCALED_TO_ZERO if scaled_to_zero else Reason.SERVING

@@ -116,9 +116,11 @@ def test_no_key_or_token_in_any_log_or_object_and_a_deleted_key_is_revoked_in_ti
     cluster.core.create_namespaced_secret(
         namespace, _secret("team-a-key", {"key": api_key, "models": "open"}, {"llmep.io/api-key": "true"})
     )
+    # The backend stands in for the endpoint's Serve Service: the gateway's URL template names it.
     gateway = start_gateway(
         port, tmp_path, "--kubeconfig", str(kubeconfig), "--namespace", namespace,
         "--watch-namespaces", namespace, "--log-level", "DEBUG", "--no-wake-backend",
+        "--backend-url-template", f"http://127.0.0.1:{backend_port}/v1",
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}/v1"
     chat = {"model": "open", "messages": [{"role": "user", "content": api_key}]}  # a key pasted into a prompt

@@ -77,6 +77,17 @@ def test_scaled_to_zero_is_ready_with_its_own_reason():
     assert verdict.ready and verdict.reason.value == "ScaledToZero"
 
 
+def test_kuberay_ready_before_any_replica_is_loading_not_ready():
+    """KubeRay marks the head ready once its HTTP ingress (HAProxy on the direct path) answers,
+    before a model replica can: with minReplicas >= 1 that is not Ready yet."""
+    pods = [_pod("head", "head", True), _pod("w1", ready=False)]
+    status = build_status(_obs(rayservice=_rayservice(ready=True, app_status="DEPLOYING"), pods=pods), None, T0)
+    ready = _cond(status, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "LoadingModel")
+    assert _cond(status, "Progressing")["status"] == "True"
+    assert status["replicas"] == {"desired": 1, "ready": 0}
+
+
 def test_failed_application_is_degraded_with_serves_message():
     status = build_status(
         _obs(rayservice=_rayservice(app_status="DEPLOY_FAILED", message="CUDA out of memory")), None, T0
