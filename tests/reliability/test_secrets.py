@@ -84,8 +84,8 @@ def test_no_key_or_token_in_any_log_or_object_and_a_deleted_key_is_revoked_in_ti
     try:
         with kopf_runner_as(account, namespace, paths=(HANDLERS,), watch_namespaces=(namespace,)) as runner:
             cluster.apply(endpoint, namespace)
-            wait_until(lambda: cluster.kubectl("get", "rayservice", "gated", "-n", namespace, "-o", "name"),
-                       timeout=60, message="RayService gated")  # fmt: skip
+            wait_until(lambda: cluster.kubectl("get", "rayservice", "gated", "-n", namespace, "--ignore-not-found",
+                                               "-o", "name"), timeout=60, message="RayService gated")  # fmt: skip
             wait_until(lambda: cluster.kubectl("get", "pods", "-n", namespace, "-l", "llmep.io/endpoint=gated",
                                                "-o", "name"), timeout=60, message="pods of gated")  # fmt: skip
         rendered = cluster.kubectl("get", "rayservice,raycluster,pods,services", "-n", namespace, "-o", "yaml")
