@@ -1,6 +1,6 @@
 """What the llmep serving stack costs over bare vLLM, for the same tiny model, in the same run.
 
-The stacks below run on 127.0.0.1 at once, measured with alternating rounds (the order flips every
+Three stacks on 127.0.0.1 at once, measured with alternating rounds (the order flips every
 round, so all see the same background load), same engine settings (float32, eager,
 max_model_len 256):
 
@@ -10,9 +10,6 @@ max_model_len 256):
   processes, as rendered, run by ``llmep_serving.local`` (the direct path: HAProxy -> the
   LLMServer replica serving vLLM's own HTTP app; ``LLMEP_SERVING_PATH=proxy`` measures the
   proxy path, Serve's Python proxy -> OpenAI ingress -> LLMServer -> vLLM);
-- replica (direct path only): the LLMServer replica's own vLLM app, at the address HAProxy's stats
-  list for it, without HAProxy and the router call: with ``serve`` and ``llmep`` it splits the
-  added time into the replica, Serve's ingress and the gateway;
 - llmep: ``llmep gateway`` (a separate process, as it ships) in front of that same Serve app:
   the whole path a client takes.
 
@@ -211,20 +208,6 @@ def llmep_ray_app(model_dir: Path):
     )
 
 
-def replica_address(ray_env: dict[str, str]) -> str | None:
-    """The LLMServer replica's own HTTP address on the direct path, as HAProxy's stats list it."""
-    port = os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT")
-    if ray_env.get("RAY_SERVE_ENABLE_HA_PROXY") != "1" or not port:
-        return None
-    rows = httpx.get(f"http://127.0.0.1:{port}/stats;csv", timeout=5).text.splitlines()
-    header = rows[0].lstrip("# ").split(",")
-    for row in rows[1:]:
-        fields = dict(zip(header, row.split(","), strict=False))
-        if "LLMServer" in fields.get("svname", "") and fields.get("status") == "UP":
-            return f"http://{fields['addr']}/v1"
-    return None
-
-
 # (label, function of the samples, higher is better)
 METRICS = [
     ("TTFT p50 ms", lambda ss: 1000 * percentile([s.ttft_s for s in ss], 50), False),
@@ -278,12 +261,6 @@ def main() -> int:
             llmep_gateway(local.base_url, args.log_dir, args.log_dir / "bench-gateway.log")
         )
         urls = {"bare": bare_url, "serve": local.base_url, "llmep": gateway_url}
-        replica_url = replica_address(rendered.env)
-        if replica_url:
-            # The profile of the direct path: the replica's own vLLM app, without HAProxy and
-            # the router call in front of it.
-            urls = {"bare": bare_url, "replica": replica_url, **{k: v for k, v in urls.items() if k != "bare"}}
-            print(f"replica's own address (from HAProxy's stats): {replica_url}", flush=True)
         for concurrency in args.concurrency:
             samples = measure_interleaved(urls, args.requests, args.tokens, concurrency)
             results[concurrency] = print_table(concurrency, samples)
