@@ -110,6 +110,15 @@ def installed(
     uninstall_and_restore_crd(cluster, release, namespace)
 
 
+def api_status(call) -> int:
+    """The HTTP status an API call answers with: 200, or the ApiException's status."""
+    try:
+        call()
+    except ApiException as e:
+        return e.status
+    return 200
+
+
 def release_finalizers(cluster, namespace: str) -> None:
     """Safety net: a finalizer left on an endpoint by a failed test (no operator is left to
     remove it) would keep the CRD and the namespace from ever going."""
@@ -260,22 +269,15 @@ def test_notes_give_the_base_url_and_the_gateway_reads_secrets_only_in_its_names
         core = k8s.CoreV1Api(api)
         custom = k8s.CustomObjectsApi(api)
 
-        def status(call) -> int:
-            try:
-                call()
-            except ApiException as e:
-                return e.status
-            return 200
-
         cluster.wait_until(
-            lambda: status(lambda: core.list_namespaced_secret(namespace)) == 200,
+            lambda: api_status(lambda: core.list_namespaced_secret(namespace)) == 200,
             timeout=30,
             message="the gateway's RoleBinding to let it list its Secrets",
         )
-        assert status(lambda: custom.list_cluster_custom_object("llmep.io", "v1alpha1", "llmendpoints")) == 200
-        assert status(lambda: core.list_namespaced_secret("default")) == 403
-        assert status(lambda: core.list_secret_for_all_namespaces()) == 403
-        assert status(lambda: core.list_namespaced_pod(namespace)) == 403
+        assert api_status(lambda: custom.list_cluster_custom_object("llmep.io", "v1alpha1", "llmendpoints")) == 200
+        assert api_status(lambda: core.list_namespaced_secret("default")) == 403
+        assert api_status(lambda: core.list_secret_for_all_namespaces()) == 403
+        assert api_status(lambda: core.list_namespaced_pod(namespace)) == 403
 
 
 def test_with_a_keys_namespace_the_gateway_cannot_read_the_releases_secrets(cluster, namespace):
@@ -288,22 +290,15 @@ def test_with_a_keys_namespace_the_gateway_cannot_read_the_releases_secrets(clus
         with installed(cluster, namespace, {"gateway.keysNamespace": keys}):
             core = k8s.CoreV1Api(cluster.client_as("llmep-gateway", namespace))
 
-            def status(call) -> int:
-                try:
-                    call()
-                except ApiException as e:
-                    return e.status
-                return 200
-
             cluster.wait_until(
-                lambda: status(lambda: core.list_namespaced_secret(keys)) == 200,
+                lambda: api_status(lambda: core.list_namespaced_secret(keys)) == 200,
                 timeout=30,
                 message="the gateway's RoleBinding in the keys namespace",
             )
             release_secrets = cluster.core.list_namespaced_secret(namespace, label_selector="owner=helm").items
             assert release_secrets, "helm keeps its release record as a Secret in the release namespace"
-            assert status(lambda: core.list_namespaced_secret(namespace)) == 403
-            assert status(lambda: core.read_namespaced_secret(release_secrets[0].metadata.name, namespace)) == 403
+            assert api_status(lambda: core.list_namespaced_secret(namespace)) == 403
+            assert api_status(lambda: core.read_namespaced_secret(release_secrets[0].metadata.name, namespace)) == 403
             gateway = cluster.apps.read_namespaced_deployment("llmep-gateway", namespace)
             env = {e.name: e.value for e in gateway.spec.template.spec.containers[0].env}
             assert env["LLMEP_GATEWAY_NAMESPACE"] == keys

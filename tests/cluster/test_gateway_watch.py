@@ -35,8 +35,25 @@ def crd(cluster):
     cluster.apply_crd(REPO / "crds" / "llmendpoints.llmep.io.yaml")
 
 
-def gateway_identity(cluster, namespace: str, tmp_path: Path) -> Path:
-    """A ServiceAccount with the gateway's least-privilege Role; returns its kubeconfig."""
+def gateway_identity(cluster, namespace: str, tmp_path: Path, endpoint_namespaces: tuple[str, ...] = ()) -> Path:
+    """A ServiceAccount with the gateway's least-privilege Role; returns its kubeconfig.
+    In each of `endpoint_namespaces` it may also read LLMEndpoints (as the chart grants)."""
+    for ns in endpoint_namespaces:
+        cluster.rbac.create_namespaced_role(
+            ns,
+            k8s.V1Role(
+                metadata=k8s.V1ObjectMeta(name="llmep-gateway"),
+                rules=[k8s.V1PolicyRule(api_groups=[GROUP], resources=[PLURAL], verbs=["get", "list", "watch"])],
+            ),
+        )
+        cluster.rbac.create_namespaced_role_binding(
+            ns,
+            k8s.V1RoleBinding(
+                metadata=k8s.V1ObjectMeta(name="llmep-gateway"),
+                role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="llmep-gateway"),
+                subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name="llmep-gateway", namespace=namespace)],
+            ),
+        )
     cluster.core.create_namespaced_service_account(
         namespace, k8s.V1ServiceAccount(metadata=k8s.V1ObjectMeta(name="llmep-gateway"))
     )
@@ -272,23 +289,7 @@ async def test_name_hijack_and_key_scopes_across_namespaces(cluster, namespace, 
     """
     other = f"{namespace}-b"
     cluster.core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=other)))
-    kubeconfig = gateway_identity(cluster, namespace, tmp_path)
-    for ns in (other,):  # the gateway reads endpoints there too: the same Role, bound there
-        cluster.rbac.create_namespaced_role(
-            ns,
-            k8s.V1Role(
-                metadata=k8s.V1ObjectMeta(name="llmep-gateway"),
-                rules=[k8s.V1PolicyRule(api_groups=[GROUP], resources=[PLURAL], verbs=["get", "list", "watch"])],
-            ),
-        )
-        cluster.rbac.create_namespaced_role_binding(
-            ns,
-            k8s.V1RoleBinding(
-                metadata=k8s.V1ObjectMeta(name="llmep-gateway"),
-                role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="llmep-gateway"),
-                subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name="llmep-gateway", namespace=namespace)],
-            ),
-        )
+    kubeconfig = gateway_identity(cluster, namespace, tmp_path, endpoint_namespaces=(other,))
 
     async def answer(request: web.Request) -> web.Response:
         body = await request.json()
