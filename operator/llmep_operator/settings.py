@@ -164,6 +164,35 @@ class OperatorPolicy(BaseModel):
     )
 
 
+# A Kubernetes storage quantity as the API server accepts it for sizeLimit and requests.
+STORAGE_QUANTITY = r"^[0-9]+(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
+
+
+class ScratchSpace(BaseModel):
+    """The Ray pods' writable scratch volumes (emptyDirs on the node's disk), bounded so that no
+    endpoint can fill a node's disk and get its neighbours evicted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tmp_size_limit: str = Field(
+        default="8Gi",
+        pattern=STORAGE_QUANTITY, description="sizeLimit of /tmp: Ray's session folder (logs, spilled objects)."
+    )
+    cache_size_limit: str = Field(
+        default="200Gi",
+        pattern=STORAGE_QUANTITY,
+        description=(
+            "sizeLimit of ~/.cache: weights downloaded from the Hub land here when the endpoint has no"
+            " spec.cache volume, so it must hold the largest such model."
+        ),
+    )
+    ephemeral_storage_request: str = Field(
+        default="2Gi",
+        pattern=STORAGE_QUANTITY,
+        description="ephemeral-storage request of each Ray container, so the scheduler counts the scratch space.",
+    )
+
+
 class EndpointNetworkPolicy(BaseModel):
     """A NetworkPolicy per endpoint: its Ray pods reachable only as llmep needs them."""
 
@@ -243,6 +272,9 @@ class OperatorSettings(BaseSettings):
     )
     policy: OperatorPolicy = Field(
         default_factory=OperatorPolicy, description="What endpoint specs may choose (images, engine args, env)."
+    )
+    scratch: ScratchSpace = Field(
+        default_factory=ScratchSpace, description="Size limits of the Ray pods' scratch volumes."
     )
     serving_path: Literal["direct", "proxy"] = Field(
         default="direct",

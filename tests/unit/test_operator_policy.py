@@ -86,3 +86,39 @@ def test_worker_pods_carry_no_kubernetes_credentials():
     # The head's autoscaler sidecar scales workers through KubeRay's ServiceAccount for the cluster.
     assert "automountServiceAccountToken" not in cluster["headGroupSpec"]["template"]["spec"]
     assert "serviceAccountName" not in cluster["headGroupSpec"]["template"]["spec"]
+
+
+def _ray_pods(endpoint, settings: OperatorSettings) -> dict[str, dict]:
+    cluster = build_rayservice(endpoint, settings)["spec"]["rayClusterConfig"]
+    (workers,) = cluster["workerGroupSpecs"]
+    return {"head": cluster["headGroupSpec"]["template"]["spec"], "worker": workers["template"]["spec"]}
+
+
+def test_the_model_token_reaches_only_the_workers_that_load_the_model():
+    endpoint = _endpoint(model={"source": "hf://org/gated-model", "tokenSecretRef": {"name": "hf", "key": "token"}})
+    pods = _ray_pods(endpoint, OperatorSettings())
+    names = {kind: {e["name"] for e in pod["containers"][0].get("env", [])} for kind, pod in pods.items()}
+    assert {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"} <= names["worker"], names
+    assert not {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"} & names["head"], names
+    token = next(e for e in pods["worker"]["containers"][0]["env"] if e["name"] == "HF_TOKEN")
+    assert token["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+
+
+def test_scratch_volumes_are_bounded_and_counted_by_the_scheduler():
+    settings = OperatorSettings(
+        scratch={"tmp_size_limit": "4Gi", "cache_size_limit": "500Gi", "ephemeral_storage_request": "10Gi"}
+    )
+    for kind, pod in _ray_pods(_endpoint(), settings).items():
+        empty_dirs = {v["name"]: v["emptyDir"] for v in pod["volumes"] if "emptyDir" in v}
+        container = pod["containers"][0]
+        assert empty_dirs["tmp"] == {"sizeLimit": "4Gi"}, kind
+        assert empty_dirs["home-cache"] == {"sizeLimit": "500Gi"}, kind
+        # /dev/shm is memory: bounded by what the pod may use anyway.
+        memory = container["resources"]["requests"]["memory"]
+        assert empty_dirs["dshm"] == {"medium": "Memory", "sizeLimit": memory}, kind
+        assert container["resources"]["requests"]["ephemeral-storage"] == "10Gi", kind
+
+
+def test_a_scratch_size_kubernetes_would_refuse_is_refused_with_the_setting_named():
+    with pytest.raises(ValueError, match=r"scratch\.cache_size_limit"):
+        OperatorSettings(scratch={"cache_size_limit": "200 GB"})

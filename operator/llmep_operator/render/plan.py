@@ -30,6 +30,8 @@ class ServingPlan:
     volumes: list[dict[str, Any]] = field(default_factory=list)
     volume_mounts: list[dict[str, Any]] = field(default_factory=list)
     env: list[dict[str, Any]] = field(default_factory=list)
+    # Only on the workers: the replicas load the model there (the head runs none, num-cpus 0).
+    secret_env: list[dict[str, Any]] = field(default_factory=list)
     ray_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -112,7 +114,7 @@ def make_plan(endpoint: LLMEndpoint, settings: OperatorSettings) -> ServingPlan:
         )
     gpus_per_worker, workers = _split_gpus(profile_name, profile, gpus)
     source, volumes, mounts = _model_source(endpoint)
-    env = _secret_env(endpoint)
+    env: list[dict[str, Any]] = []
     if endpoint.spec.cache.enabled:
         volumes.append(
             {
@@ -135,6 +137,7 @@ def make_plan(endpoint: LLMEndpoint, settings: OperatorSettings) -> ServingPlan:
         volumes=volumes,
         volume_mounts=mounts,
         env=env,
+        secret_env=_secret_env(endpoint),
         ray_env=ray_process_env(endpoint, settings),
     )
 

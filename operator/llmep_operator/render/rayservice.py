@@ -9,7 +9,12 @@ from llmep_operator import naming
 from llmep_operator.api import LLMEndpoint
 from llmep_operator.render.network_policy import network_policy_for
 from llmep_operator.render.plan import ServingPlan, make_plan, quantity_times
-from llmep_operator.render.security import container_security_context, pod_security_context, writable_volumes
+from llmep_operator.render.security import (
+    SCRATCH_MOUNTS,
+    container_security_context,
+    pod_security_context,
+    scratch_volumes,
+)
 from llmep_operator.render.serve_config import render_serve_config, serve_config_for
 from llmep_operator.settings import OperatorSettings
 
@@ -34,8 +39,10 @@ def _metadata(plan: ServingPlan, name: str, owner_uid: str | None) -> dict[str, 
     return meta
 
 
-def _container(plan: ServingPlan, name: str, image: str, resources: dict, ports: list[dict] | None = None) -> dict:
-    mounts = [*writable_volumes()["mounts"], *plan.volume_mounts]
+def _container(
+    plan: ServingPlan, name: str, image: str, resources: dict, ports: list[dict] | None = None, *, secrets: bool
+) -> dict:
+    mounts = [*SCRATCH_MOUNTS, *plan.volume_mounts]
     container: dict[str, Any] = {
         "name": name,
         "image": image,
@@ -43,7 +50,11 @@ def _container(plan: ServingPlan, name: str, image: str, resources: dict, ports:
         "securityContext": container_security_context(),
         "volumeMounts": mounts,
     }
-    env = [*plan.env, *({"name": name, "value": value} for name, value in plan.ray_env.items())]
+    env = [
+        *plan.env,
+        *(plan.secret_env if secrets else []),
+        *({"name": name, "value": value} for name, value in plan.ray_env.items()),
+    ]
     if env:
         container["env"] = env
     if ports:
@@ -52,12 +63,19 @@ def _container(plan: ServingPlan, name: str, image: str, resources: dict, ports:
 
 
 def _pod_template(
-    plan: ServingPlan, container: dict, node_selector: dict, tolerations: list, *, api_token: bool
+    plan: ServingPlan,
+    settings: OperatorSettings,
+    container: dict,
+    node_selector: dict,
+    tolerations: list,
+    *,
+    api_token: bool,
 ) -> dict:
+    memory = container["resources"]["requests"]["memory"]
     spec: dict[str, Any] = {
         "securityContext": pod_security_context(),
         "containers": [container],
-        "volumes": [*writable_volumes()["volumes"], *plan.volumes],
+        "volumes": [*scratch_volumes(settings.scratch, memory), *plan.volumes],
     }
     if not api_token:
         spec["automountServiceAccountToken"] = False
@@ -73,6 +91,13 @@ def _requests_and_limits(resources: dict[str, str], cpu_limits: bool) -> dict[st
     return {"requests": dict(resources), "limits": limits}
 
 
+def _ray_container_resources(resources: dict[str, str], settings: OperatorSettings) -> dict[str, Any]:
+    """A Ray container's requests and limits, plus the scratch space its emptyDirs may use."""
+    scheduled = _requests_and_limits(resources, settings.cpu_limits)
+    scheduled["requests"]["ephemeral-storage"] = settings.scratch.ephemeral_storage_request
+    return scheduled
+
+
 def _head_group(plan: ServingPlan, settings: OperatorSettings) -> dict[str, Any]:
     resources = {"cpu": settings.head_cpu, "memory": settings.head_memory}
     ports = [
@@ -82,17 +107,18 @@ def _head_group(plan: ServingPlan, settings: OperatorSettings) -> dict[str, Any]
         {"name": "serve", "containerPort": settings.serve_port},
     ]
     image = settings.head_image or plan.image
-    container = _container(plan, "ray-head", image, _requests_and_limits(resources, settings.cpu_limits), ports)
+    resources = _ray_container_resources(resources, settings)
+    container = _container(plan, "ray-head", image, resources, ports, secrets=False)
     return {
         # The head schedules no replicas: GPU work goes to workers, which the autoscaler adds.
         "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},  # noqa: S104 - inside the pod
         # The head keeps a token: its autoscaler sidecar scales workers through KubeRay's own
         # ServiceAccount for this cluster (never the namespace's default one).
-        "template": _pod_template(plan, container, settings.head_node_selector, [], api_token=True),
+        "template": _pod_template(plan, settings, container, settings.head_node_selector, [], api_token=True),
     }
 
 
-def _worker_resources(plan: ServingPlan, cpu_limits: bool) -> dict[str, Any]:
+def _worker_resources(plan: ServingPlan, settings: OperatorSettings) -> dict[str, Any]:
     profile = plan.profile
     units = max(plan.gpus_per_worker, 1)
     resources = {
@@ -101,12 +127,12 @@ def _worker_resources(plan: ServingPlan, cpu_limits: bool) -> dict[str, Any]:
     }
     if plan.gpus_per_worker:
         resources[profile.gpu_resource] = str(plan.gpus_per_worker)
-    return _requests_and_limits(resources, cpu_limits)
+    return _ray_container_resources(resources, settings)
 
 
 def _worker_group(plan: ServingPlan, settings: OperatorSettings) -> dict[str, Any]:
     profile = plan.profile
-    container = _container(plan, "ray-worker", plan.image, _worker_resources(plan, settings.cpu_limits))
+    container = _container(plan, "ray-worker", plan.image, _worker_resources(plan, settings), secrets=True)
     tolerations = [t.model_dump(exclude_none=True) for t in profile.tolerations]
     return {
         "groupName": naming.WORKER_GROUP,
@@ -116,7 +142,7 @@ def _worker_group(plan: ServingPlan, settings: OperatorSettings) -> dict[str, An
         "numOfHosts": 1,
         "rayStartParams": {"num-cpus": str(profile.ray_num_cpus)} if profile.ray_num_cpus else {},
         # Workers run the engines and the model's code: no Kubernetes credentials at all.
-        "template": _pod_template(plan, container, profile.node_selector, tolerations, api_token=False),
+        "template": _pod_template(plan, settings, container, profile.node_selector, tolerations, api_token=False),
     }
 
 
