@@ -28,10 +28,11 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from pathlib import Path
+
+from benchlib import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -73,12 +74,6 @@ def ray_app(model_dir: str, serve_metric_defaults: bool):
             del scaling[key]
     log(f"autoscaling_config: {json.dumps(scaling)}")
     return rendered
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Load:

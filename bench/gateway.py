@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import free_port, percentile
+
 KEY = "sk-bench-0123456789"
 BODY = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "Say hello in one word."}]}).encode()
 ANSWER = json.dumps(
@@ -121,12 +123,6 @@ JSON = {"Content-Type": "application/json"}
 
 
 # -- processes -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 REALTIME = False  # --realtime: SCHED_FIFO, so other work on a shared machine cannot preempt
@@ -309,10 +305,6 @@ async def concurrent_streams(t: Target, streams: int, events: int, interval_ms: 
         await asyncio.gather(*(one(session) for _ in range(streams)))
         totals["seconds"] = time.perf_counter() - started
     return totals
-
-
-def pct(values: list[float], p: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[int(p) - 1] if p < 100 else max(values)
 
 
 # -- main ----------------------------------------------------------------------------------
@@ -524,19 +516,19 @@ def start_litellm(binary: str, backend_port: int, tmp: Path, notes: list[str]):
 
 def report(targets, throughput, streams, notes) -> None:
     direct = targets[0]
-    d50, d99 = pct(direct.latency, 50) * 1e3, pct(direct.latency, 99) * 1e3
-    t50 = pct(direct.ttft, 50) * 1e3
+    d50, d99 = percentile(direct.latency, 50) * 1e3, percentile(direct.latency, 99) * 1e3
+    t50 = percentile(direct.ttft, 50) * 1e3
     print()
     print("latency, concurrency 1, non-streaming (ms)")
     print(f"{'target':<16}{'p50':>9}{'p99':>9}{'added p50':>11}{'added p99':>11}{'x direct':>10}")
     for t in targets:
-        p50, p99 = pct(t.latency, 50) * 1e3, pct(t.latency, 99) * 1e3
+        p50, p99 = percentile(t.latency, 50) * 1e3, percentile(t.latency, 99) * 1e3
         print(f"{t.name:<16}{p50:>9.3f}{p99:>9.3f}{p50 - d50:>+11.3f}{p99 - d99:>+11.3f}{p50 / d50:>10.2f}")
     print()
     print("time to first token, concurrency 1, streaming (ms)")
     print(f"{'target':<16}{'p50':>9}{'p99':>9}{'added p50':>11}")
     for t in targets:
-        p50, p99 = pct(t.ttft, 50) * 1e3, pct(t.ttft, 99) * 1e3
+        p50, p99 = percentile(t.ttft, 50) * 1e3, percentile(t.ttft, 99) * 1e3
         print(f"{t.name:<16}{p50:>9.3f}{p99:>9.3f}{p50 - t50:>+11.3f}")
     if any(throughput.values()):
         print()

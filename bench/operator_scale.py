@@ -37,6 +37,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchlib import percentile
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
@@ -61,15 +62,6 @@ def cache_root() -> Path:
 
 def log(msg: str) -> None:
     print(f"[operator_scale {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def endpoint_manifest(name: str) -> dict:
@@ -412,10 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reconciled: {n_ok}/{len(created)} (children seen within {args.reconcile_timeout:.0f}s)")
         print()
         rows = [
-            ("create call, LLMEndpoint (client round trip) p50", f"{pct(crd_lat, 50) * 1000:.1f} ms", ""),
-            ("create call, ConfigMap baseline p50", f"{pct(cm_lat, 50) * 1000:.1f} ms", ""),
-            ("apply -> RayService+Service p50", f"{pct(latencies, 50) * 1000:.0f} ms", ""),
-            ("apply -> RayService+Service p95", f"{pct(latencies, 95) * 1000:.0f} ms", "<= 1000 ms"),
+            ("create call, LLMEndpoint (client round trip) p50", f"{percentile(crd_lat, 50) * 1000:.1f} ms", ""),
+            ("create call, ConfigMap baseline p50", f"{percentile(cm_lat, 50) * 1000:.1f} ms", ""),
+            ("apply -> RayService+Service p50", f"{percentile(latencies, 50) * 1000:.0f} ms", ""),
+            ("apply -> RayService+Service p95", f"{percentile(latencies, 95) * 1000:.0f} ms", "<= 1000 ms"),
             ("apply -> RayService+Service max", f"{max(latencies, default=float('nan')) * 1000:.0f} ms", ""),
             ("LLMEndpoints reconciled / s", f"{rate:.1f}", ">= 20"),
             ("ConfigMaps created / s (baseline)", f"{len(cm) / cm_wall:.1f}", ""),
@@ -434,8 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"ratio: reconciled/s vs raw ConfigMap creates/s = {ratio_rate:.2f} "
             f"({rate:.1f} vs {len(cm) / cm_wall:.1f}); apply->children p95 vs ConfigMap create p95 = "
-            f"{pct(latencies, 95) / pct(cm_lat, 95):.1f}x "
-            f"({pct(latencies, 95) * 1000:.0f} ms vs {pct(cm_lat, 95) * 1000:.1f} ms)"
+            f"{percentile(latencies, 95) / percentile(cm_lat, 95):.1f}x "
+            f"({percentile(latencies, 95) * 1000:.0f} ms vs {percentile(cm_lat, 95) * 1000:.1f} ms)"
         )
         print("anchor (published): controller-runtime ~20-50 objects/s")
         print()
@@ -457,8 +449,8 @@ def main(argv: list[str] | None = None) -> int:
                     "bench": "operator_scale",
                     "count": args.count,
                     "reconciled": n_ok,
-                    "p50_ms": round(pct(latencies, 50) * 1000, 1),
-                    "p95_ms": round(pct(latencies, 95) * 1000, 1),
+                    "p50_ms": round(percentile(latencies, 50) * 1000, 1),
+                    "p95_ms": round(percentile(latencies, 95) * 1000, 1),
                     "max_ms": round(max(latencies, default=float("nan")) * 1000, 1),
                     "per_s": round(rate, 2),
                     "cm_per_s": round(len(cm) / cm_wall, 2),

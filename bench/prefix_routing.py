@@ -22,12 +22,12 @@ import argparse
 import json
 import os
 import random
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
+from benchlib import free_port, percentile
 
 from llmep_serving.local import LocalServe
 from llmep_serving.tinymodel import ensure_tiny_model, load_corpus, tiny_ray_app
@@ -43,18 +43,6 @@ class Result:
     ttft_s: float
     prompt_tokens: int
     cached_tokens: int
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def workload(requests: int, prefixes: int, prefix_words: int, seed: int) -> list[list[dict]]:

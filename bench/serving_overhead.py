@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from benchlib import free_port, percentile
 
 from llmep_serving.local import LocalServe
 from llmep_serving.tinymodel import ensure_tiny_model
@@ -55,18 +55,6 @@ class Sample:
     tokens: int
     gaps_s: list[float]  # between consecutive content chunks
     decode_s: float  # first to last content chunk
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def one_stream(http: httpx.Client, base_url: str, tokens: int) -> Sample:
