@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -14,9 +15,13 @@ from yarl import URL
 from . import errors
 from .auth import ANONYMOUS, ApiKey, KeyStore
 from .backend_errors import clean_error_body
+from .budget import BodyBudget
+from .drain import InFlight
 from .errors import GatewayError
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import GatewayMetrics, ModelMetrics, usage_from
+from .request_body import BodyParser, Payload, read_body
+from .retry import Unsent, unsent_reason
 from .routing import Route, RouteStore
 from .settings import GatewaySettings
 
@@ -36,36 +41,6 @@ POOL_IDLE_S = 4.0
 WAKE_INTERVAL = 5.0  # seconds between wake-up requests to one backend
 MAX_PENDING_EVENT = 1 << 20  # an SSE event larger than this is forwarded even if incomplete
 _URL_CACHE_SIZE = 4096
-
-
-def parse_request(body: bytes) -> tuple[str, bool]:
-    """``model`` and ``stream`` from a JSON body; the body itself is forwarded unchanged."""
-    try:
-        data = json.loads(body)
-    except RecursionError:
-        raise errors.invalid_json("nested too deeply") from None
-    except ValueError as exc:  # includes invalid UTF-8 and over-long integers
-        raise errors.invalid_json(type(exc).__name__) from None
-    if not isinstance(data, dict):
-        raise errors.invalid_json("not an object")
-    model = data.get("model")
-    if model is None or model == "":
-        raise errors.missing_model()
-    if not isinstance(model, str):
-        raise errors.invalid_type("model", "a string")
-    stream = data.get("stream")
-    if stream is None:
-        stream = False
-    elif not isinstance(stream, bool):
-        raise errors.invalid_type("stream", "a boolean")
-    return model, stream
-
-
-def with_model(body: bytes, model: str) -> bytes:
-    """The body with ``model`` replaced: an alias becomes the served name the backend knows."""
-    data = json.loads(body)
-    data["model"] = model
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def complete_events_end(data: bytes) -> int:
@@ -103,6 +78,10 @@ class Gateway:
         self.metrics = metrics
         self.serve_metrics = serve_metrics
         self.draining = False  # set on SIGTERM: /readyz fails while requests are still served
+        self.stale: Callable[[], str | None] = lambda: None  # why routes/keys are out of date
+        self.budget = BodyBudget(settings.max_inflight_body_bytes, settings.retry_after_seconds)
+        self.parser = BodyParser(settings.offload_parse_bytes)
+        self.in_flight = InFlight()
         self.session: aiohttp.ClientSession | None = None
         self._fresh: aiohttp.ClientSession | None = None  # for retries: never a pooled connection
         self._per_key: dict[str, int] = {}
@@ -136,6 +115,7 @@ class Gateway:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        self.parser.close()
         if self.session is not None:
             await self.session.close()
         if self._fresh is not None:
@@ -144,6 +124,12 @@ class Gateway:
     # -- dispatch ---------------------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        response = await self._dispatch(request)
+        if self.draining:
+            response.force_close()  # keep-alive clients reconnect, to a replica that stays
+        return response
+
+    async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
             path = request.path
             if path.startswith("/v1/"):
@@ -163,6 +149,10 @@ class Gateway:
                     return web.Response(
                         body=b'{"status":"draining"}', status=503, headers=JSON_HEADERS
                     )
+                stale = self.stale()
+                if stale is not None:
+                    body = json.dumps({"status": stale}).encode()
+                    return web.Response(body=body, status=503, headers=JSON_HEADERS)
                 if self.routes.loaded and self.keys.loaded:
                     return web.Response(body=b'{"status":"ready"}', headers=JSON_HEADERS)
                 return web.Response(
@@ -222,33 +212,6 @@ class Gateway:
 
     # -- forwarding -------------------------------------------------------------------
 
-    async def _read_body(self, request: web.BaseRequest) -> bytes:
-        cap = self.settings.max_body_bytes
-        length = request.content_length
-        if length is not None and length > cap:
-            raise errors.request_too_large(cap)
-        if length == 0:
-            return b""
-        content = request.content
-        try:
-            if length is not None and content.total_bytes >= length:
-                return await content.readexactly(length)  # already buffered: skip the timer
-            async with asyncio.timeout(self.settings.body_timeout):
-                if length is not None:
-                    return await request.content.readexactly(length)
-                chunks = []
-                size = 0
-                while chunk := await request.content.readany():
-                    size += len(chunk)
-                    if size > cap:
-                        raise errors.request_too_large(cap)
-                    chunks.append(chunk)
-                return b"".join(chunks)
-        except TimeoutError:
-            raise errors.body_timeout() from None
-        except asyncio.IncompleteReadError:
-            raise errors.invalid_json("the body ended early") from None
-
     async def _forward(self, request: web.BaseRequest) -> web.StreamResponse:
         started = asyncio.get_running_loop().time()
         key = self._authenticate(request)
@@ -256,34 +219,49 @@ class Gateway:
         active = self._per_key.get(key.name, 0)
         if limit and active >= limit:
             raise errors.too_many_requests(limit, self.settings.retry_after_seconds)
+        cap = self.settings.max_body_bytes
+        length = request.content_length
+        if length is not None and length > cap:
+            raise errors.request_too_large(cap)
+        # Claimed before a byte is read, so memory is bounded by the budget, not by clients.
+        claim = self.budget.claim(length or 0)
         self._per_key[key.name] = active + 1
+        task = self.in_flight.enter()
         sse: web.StreamResponse | None = None
         label = ""
         try:
-            body = await self._read_body(request)
-            model, stream = parse_request(body)
+            body = await read_body(request, claim, cap, self.settings.body_timeout)
+            model, stream = await self.parser.fields(body)
             route = self.routes.table.lookup(model)
             if route is None or not key.allows(route):
                 raise errors.model_not_found(model)
             label = route.model
             if model != route.model:
                 # Only requests by alias (or namespace/name) pay for re-serialising the body.
-                body = with_model(body, route.model)
+                body = await self.parser.rewrite(body, route.model)
+            payload = Payload(body, claim)
+            del body  # from here the payload holds the only reference, dropped once sent
             mm = self.metrics.model(label)
             if not route.ready:
                 route, sse = await self._hold(request, route, model, key, stream, mm)
-            return await self._proxy(request, route, body, mm, started, sse)
-        except GatewayError as exc:
+            return await self._proxy(request, route, payload, mm, started, sse)
+        except (GatewayError, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                if not self.in_flight.cutting:
+                    raise  # the client left
+                exc = errors.shutting_down()
             exc.model = label
             if isinstance(exc, _StreamError):
                 sse = exc.sse
             if sse is None:
-                raise
+                raise exc from None
             # The stream's 200 is already sent: end it with an error event instead.
             self.metrics.error(label, exc.code)
             await _end_stream(sse, errors.sse_error_event(exc.message, exc.code, exc.type))
             return sse
         finally:
+            claim.release()
+            self.in_flight.leave(task)
             remaining = self._per_key[key.name] - 1
             if remaining:
                 self._per_key[key.name] = remaining
@@ -309,31 +287,42 @@ class Gateway:
         return url
 
     async def _send(
-        self, url: URL, body: bytes, headers: dict[str, str], model: str, more: bool
+        self, session: aiohttp.ClientSession, url: URL, body: bytes, headers: dict[str, str], model: str
     ) -> aiohttp.ClientResponse:
-        """POST to one backend; with ``more`` replicas left, an unreachable one raises _Unreachable."""
-        assert self.session is not None
-        for attempt in (1, 2):
-            try:
-                session = self.session if attempt == 1 else self._fresh
-                assert session is not None
-                return await session.post(url, data=body, headers=headers)
-            except TimeoutError:
+        """POST to one backend; a failure that provably never reached it raises Unsent."""
+        upload = aiohttp.UploadTracker()
+        try:
+            return await session.post(url, data=body, headers=headers, upload_tracker=upload)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            reason = unsent_reason(exc, upload)
+            if reason is not None:
+                raise Unsent(reason, exc) from None
+            log.warning("backend for %s failed after the request was sent: %s", model, type(exc).__name__)
+            if isinstance(exc, TimeoutError):
                 raise errors.backend_timeout(model) from None
-            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
-                # Connect failures never reached the backend; a reset or disconnect before any
-                # answer is almost always a pooled connection the backend had just closed.
-                # Retry once, on a fresh connection, or at once on another replica if refused.
-                refused = isinstance(exc, aiohttp.ClientConnectorError)
-                if more and (attempt == 2 or refused):
-                    raise _Unreachable(exc) from None
-                if attempt == 2:
-                    log.warning("backend for %s unreachable: %s %s", model, type(exc).__name__, exc)
-                    raise errors.backend_unavailable(model) from None
-            except aiohttp.ClientError as exc:
-                log.warning("backend for %s failed: %s", model, type(exc).__name__)
-                raise errors.backend_unavailable(model) from None
-        raise AssertionError("unreachable")
+            raise errors.backend_unavailable(model) from None
+
+    async def _send_once_more(
+        self, route: Route, request: web.BaseRequest, payload: Payload, headers: dict[str, str]
+    ) -> aiohttp.ClientResponse:
+        """Send to the next replica; where the first send never reached its backend, once more
+        (to the replica after it, or on a fresh connection when there is one replica)."""
+        assert self.session is not None and self._fresh is not None
+        replicas = self._replicas(route)
+        url = self._url(replicas[0], request.raw_path)
+        try:
+            return await self._send(self.session, url, payload.data, headers, route.model)
+        except Unsent as exc:
+            self.metrics.retry(route.model, exc.reason)
+            log.warning("backend for %s not reached (%s); sending once more", route.model, exc)
+        base = replicas[1 % len(replicas)]
+        try:
+            return await self._send(self._fresh, self._url(base, request.raw_path), payload.data, headers, route.model)
+        except Unsent as exc:
+            log.warning("backend for %s not reached again (%s)", route.model, exc)
+            if exc.timeout:
+                raise errors.backend_timeout(route.model) from None
+            raise errors.backend_unavailable(route.model) from None
 
     def _replicas(self, route: Route) -> tuple[str, ...]:
         """The route's base URLs, starting at the next one round-robin."""
@@ -348,13 +337,12 @@ class Gateway:
         self,
         request: web.BaseRequest,
         route: Route,
-        body: bytes,
+        payload: Payload,
         mm: ModelMetrics,
         started: float,
         sse: web.StreamResponse | None,
     ) -> web.StreamResponse:
         assert route.base is not None
-        replicas = self._replicas(route)
         in_headers = request.headers
         headers = {
             **BACKEND_HEADERS,
@@ -366,19 +354,14 @@ class Gateway:
                 headers[name] = value
         mm.in_flight += 1
         try:
-            for index, base in enumerate(replicas):
-                url = self._url(base, request.raw_path)
-                try:
-                    resp = await self._send(url, body, headers, route.model, index < len(replicas) - 1)
-                    break
-                except _Unreachable as exc:
-                    log.warning("replica %s of %s unreachable (%s); trying the next", base, route.model, exc)
+            resp = await self._send_once_more(route, request, payload, headers)
+            payload.release()  # the backend has the body: its bytes go back to the budget
             try:
                 content_type = resp.headers.get("Content-Type", errors.JSON_CONTENT_TYPE)
                 if content_type.startswith("text/event-stream"):
                     return await self._relay_stream(request, resp, route, mm, started, sse)
                 try:
-                    data = await resp.read()
+                    data = await _read_capped(resp, self.settings.max_response_bytes, route.model)
                 except TimeoutError:
                     raise errors.backend_timeout(route.model) from None
                 except aiohttp.ClientError:
@@ -417,40 +400,59 @@ class Gateway:
             out = web.StreamResponse(status=resp.status, headers=SSE_HEADERS)
             await out.prepare(request)
         content = resp.content
+        write_timeout = self.settings.stream_write_timeout
         pending = b""
         first = True
         usage = None
         failed = False
-        while True:
-            try:
-                chunk = await content.readany()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                log.warning("stream from %s broke: %s", route.model, type(exc).__name__)
-                failed = True
-                break
-            if not chunk:
-                break
-            data = pending + chunk if pending else chunk
-            # Forward whole events only, so a failure never leaves half an event behind.
-            end = complete_events_end(data)
-            if end == len(data):
-                pending = b""
-            elif len(data) > MAX_PENDING_EVENT:
-                pending = b""
-            else:
-                pending, data = data[end:], data[:end]
-                if not data:
-                    continue
-            if first:
-                first = False
-                mm.ttft.observe(loop.time() - started)
-            if b'"usage"' in data:
-                usage = usage_from(data) or usage
-            try:
-                await out.write(data)
-            except (ConnectionError, aiohttp.ClientConnectionError):
-                resp.close()  # the client left: drop the backend connection so it stops work
-                return out
+        try:
+            while True:
+                try:
+                    chunk = await content.readany()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    log.warning("stream from %s broke: %s", route.model, type(exc).__name__)
+                    failed = True
+                    break
+                if not chunk:
+                    break
+                data = pending + chunk if pending else chunk
+                # Forward whole events only, so a failure never leaves half an event behind.
+                end = complete_events_end(data)
+                if end == len(data):
+                    pending = b""
+                elif len(data) > MAX_PENDING_EVENT:
+                    pending = b""
+                else:
+                    pending, data = data[end:], data[:end]
+                    if not data:
+                        continue
+                if first:
+                    first = False
+                    mm.ttft.observe(loop.time() - started)
+                if b'"usage"' in data:
+                    usage = usage_from(data) or usage
+                try:
+                    async with asyncio.timeout(write_timeout):
+                        await out.write(data)
+                except TimeoutError:
+                    # The client stopped reading: cancel the generation and free the key's slot.
+                    log.info("client of a %s stream read nothing for %.0fs; dropping it", route.model, write_timeout)
+                    self.metrics.error(route.model, "stream_write_timeout")
+                    resp.close()
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return out
+                except (ConnectionError, aiohttp.ClientConnectionError):
+                    resp.close()  # the client left: drop the backend connection so it stops work
+                    return out
+        except asyncio.CancelledError:
+            if not self.in_flight.cutting:
+                raise
+            resp.close()
+            exc = errors.shutting_down()
+            self.metrics.error(route.model, exc.code)
+            await _end_stream(out, errors.sse_error_event(exc.message, exc.code, exc.type))
+            return out
         if failed:
             self.metrics.error(route.model, "backend_stream_interrupted")
             await _end_stream(
@@ -517,6 +519,13 @@ class Gateway:
                 if current.ready:
                     return current, sse
                 route = current
+        except asyncio.CancelledError:
+            if not self.in_flight.cutting:
+                raise
+            exc = errors.shutting_down()
+            if sse is None:
+                raise exc from None
+            raise _StreamError(exc, sse) from None
         finally:
             remaining_held = self._held[hold_key] - 1
             if remaining_held:
@@ -557,13 +566,6 @@ class Gateway:
             self._waking.discard(route.key)
 
 
-class _Unreachable(Exception):
-    """A replica refused or dropped the connection before answering; another one may serve."""
-
-    def __init__(self, exc: Exception) -> None:
-        super().__init__(type(exc).__name__)
-
-
 class _StreamError(GatewayError):
     """A GatewayError raised after the SSE response for a held stream was started."""
 
@@ -594,6 +596,23 @@ def _as_sse(data: bytes, status: int) -> bytes:
             )
         return errors.sse_error_event(f"The backend answered {status}.", f"backend_{status}")
     return b"data: " + data.replace(b"\n", b"") + b"\n\ndata: [DONE]\n\n"
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int, model: str) -> bytes:
+    """A non-streaming answer, refused past ``cap`` bytes rather than buffered whole."""
+    length = resp.content_length
+    if length is not None:
+        if length > cap:
+            raise errors.backend_response_too_large(model, cap)
+        return await resp.read()
+    chunks = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > cap:
+            raise errors.backend_response_too_large(model, cap)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _end_stream(out: web.StreamResponse, tail: bytes) -> None:

@@ -49,6 +49,15 @@ class GatewayError(Exception):
     def body(self) -> bytes:
         return envelope(self.message, self.type, self.code, self.param)
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only fields: pickled whole, so an error raised in the body parser process arrives intact.
+        kwargs = {"type_": self.type, "param": self.param, "retry_after": self.retry_after, "close": self.close}
+        return _rebuild, (self.status, self.code, self.message, kwargs)
+
+
+def _rebuild(status: int, code: str, message: str, kwargs: dict[str, object]) -> GatewayError:
+    return GatewayError(status, code, message, **kwargs)  # type: ignore[arg-type]
+
 
 def invalid_api_key() -> GatewayError:
     return GatewayError(
@@ -72,8 +81,30 @@ def request_too_large(limit: int) -> GatewayError:
     return GatewayError(
         413,
         "request_too_large",
-        f"Request body is larger than the limit of {limit} bytes.",
+        f"Request body is larger than the limit of {limit} bytes (max_body_bytes).",
         close=True,
+    )
+
+
+def body_over_budget(size: int, budget: int) -> GatewayError:
+    return GatewayError(
+        413,
+        "request_too_large",
+        f"Request body of {size} bytes is larger than the gateway's budget for request bodies "
+        f"in flight, {budget} bytes (max_inflight_body_bytes).",
+        close=True,
+    )
+
+
+def body_budget_full(budget: int, retry_after: int) -> GatewayError:
+    # Not closed: the client gets the answer once its body has been read and dropped.
+    return GatewayError(
+        429,
+        "too_many_request_bytes",
+        f"The gateway is holding its limit of request body bytes ({budget} bytes, "
+        "max_inflight_body_bytes); retry later.",
+        type_=RATE_LIMIT,
+        retry_after=retry_after,
     )
 
 
@@ -145,12 +176,32 @@ def backend_unavailable(model: str) -> GatewayError:
     )
 
 
+def backend_response_too_large(model: str, limit: int) -> GatewayError:
+    return GatewayError(
+        502,
+        "backend_response_too_large",
+        f"The backend serving '{model}' answered with more than {limit} bytes "
+        "(max_response_bytes).",
+        type_=SERVER_ERROR,
+    )
+
+
 def backend_timeout(model: str) -> GatewayError:
     return GatewayError(
         504,
         "backend_timeout",
         f"The backend serving '{model}' did not answer in time.",
         type_=SERVER_ERROR,
+    )
+
+
+def shutting_down() -> GatewayError:
+    return GatewayError(
+        503,
+        "gateway_shutting_down",
+        "The gateway is shutting down and its grace period for this request is over; retry.",
+        type_=SERVER_ERROR,
+        retry_after=1,
     )
 
 

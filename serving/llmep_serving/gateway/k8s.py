@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -24,8 +25,7 @@ log = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL = "llmep.io", "v1alpha1", "llmendpoints"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-WATCH_TIMEOUT_S = 60  # the server ends each watch then; the loop resumes from its version
-RETRY_DELAY_S = 2.0
+FIRST_RETRY_DELAY_S = 0.5
 
 
 def _created(meta: Mapping[str, Any]) -> float:
@@ -125,8 +125,16 @@ class KubeSource:
         on_backends: Callable[[list[Backend]], None],
         on_keys: Callable[[list[ApiKey]], None] | None,
         url_template: str = DEFAULT_BACKEND_URL_TEMPLATE,
+        request_timeout: float = 10.0,
+        watch_seconds: int = 30,
+        retry_max_delay: float = 30.0,
     ) -> None:
         self.kubeconfig = kubeconfig
+        self.request_timeout = request_timeout
+        self.watch_seconds = watch_seconds
+        self.retry_max_delay = retry_max_delay
+        # Per list/watch loop: monotonic time of its last successful list, event or watch end.
+        self._synced: dict[str, float | None] = {}
         self.url_template = url_template
         self.namespace = namespace
         self.watch_namespaces = watch_namespaces or [namespace]
@@ -176,6 +184,16 @@ class KubeSource:
     def stop(self) -> None:
         self._stop.set()
 
+    def stale(self, max_age: float) -> str | None:
+        """Why routes or keys may be out of date (a loop not synced within ``max_age``), or None."""
+        now = time.monotonic()
+        for name, synced in list(self._synced.items()):
+            if synced is None:
+                return f"{name}: not listed yet"
+            if now - synced > max_age:
+                return f"{name}: no successful list or watch for {now - synced:.0f}s"
+        return None
+
     def _endpoints_changed(self, ns: str, objects: list[dict[str, Any]]) -> None:
         self._by_namespace[ns] = objects
         self.on_backends(
@@ -190,9 +208,10 @@ class KubeSource:
         publish: Callable[[list[dict[str, Any]]], None],
         api_client: Any,
     ) -> None:
+        self._synced[name] = None
         thread = threading.Thread(
             target=self._list_watch,
-            args=(list_fn, kwargs, publish, api_client),
+            args=(name, list_fn, kwargs, publish, api_client),
             name=name,
             daemon=True,
         )
@@ -212,6 +231,7 @@ class KubeSource:
 
     def _list_watch(
         self,
+        name: str,
         list_fn: Callable[..., Any],
         kwargs: dict[str, Any],
         publish: Callable[[list[dict[str, Any]]], None],
@@ -221,18 +241,26 @@ class KubeSource:
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
+        # (connect, read): a silently dropped connection fails within the read timeout; a watch
+        # sends at least its end within watch_seconds, so the read timeout outlasts it.
+        list_timeout = (self.request_timeout, self.request_timeout)
+        watch_timeout = (self.request_timeout, self.watch_seconds + self.request_timeout)
+        delay = FIRST_RETRY_DELAY_S
         while not self._stop.is_set():
             try:
-                listing = api_client.sanitize_for_serialization(list_fn(**kwargs))
+                listing = api_client.sanitize_for_serialization(list_fn(**kwargs, _request_timeout=list_timeout))
                 objects = {_key(o): o for o in listing.get("items") or []}
                 self._publish(publish, objects)
+                self._synced[name] = time.monotonic()
+                delay = FIRST_RETRY_DELAY_S
                 version = listing["metadata"]["resourceVersion"]
                 while not self._stop.is_set():
                     stream = watch.Watch().stream(
                         list_fn,
                         resource_version=version,
-                        timeout_seconds=WATCH_TIMEOUT_S,
+                        timeout_seconds=self.watch_seconds,
                         allow_watch_bookmarks=True,
+                        _request_timeout=watch_timeout,
                         **kwargs,
                     )
                     for event in stream:
@@ -244,6 +272,7 @@ class KubeSource:
                                 status=obj.get("code", 500), reason=obj.get("reason")
                             )
                         version = obj["metadata"]["resourceVersion"]
+                        self._synced[name] = time.monotonic()
                         if event["type"] == "BOOKMARK":
                             continue
                         if event["type"] == "DELETED":
@@ -251,13 +280,20 @@ class KubeSource:
                         else:
                             objects[_key(obj)] = obj
                         self._publish(publish, objects)
+                    self._synced[name] = time.monotonic()  # the server ended the watch: in sync
             except ApiException as exc:
-                if exc.status != 410:  # 410 Gone: our version expired, so list again at once
-                    log.warning("watch %s failed (%s); retrying", kwargs, exc.status)
-                    time.sleep(RETRY_DELAY_S)
+                if exc.status == 410:  # Gone: our version expired, so list again at once
+                    continue
+                log.warning("watch %s failed (%s); retrying in %.1fs", name, exc.status, delay)
+                delay = self._back_off(delay)
             except (HTTPError, OSError, ValueError, KeyError) as exc:
-                log.warning("watch %s failed (%s); retrying", kwargs, type(exc).__name__)
-                time.sleep(RETRY_DELAY_S)
+                log.warning("watch %s failed (%s); retrying in %.1fs", name, type(exc).__name__, delay)
+                delay = self._back_off(delay)
+
+    def _back_off(self, delay: float) -> float:
+        """Wait ``delay`` with jitter (or until stopped); the next delay, doubled up to the cap."""
+        self._stop.wait(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not cryptography
+        return min(delay * 2, self.retry_max_delay)
 
 
 def _key(obj: Mapping[str, Any]) -> str:

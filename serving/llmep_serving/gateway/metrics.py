@@ -90,6 +90,7 @@ class GatewayMetrics:
         self.registry = registry or CollectorRegistry()
         self.models: dict[str, ModelMetrics] = {}
         self.errors: dict[tuple[str, str], int] = {}
+        self.retries: dict[tuple[str, str], int] = {}
         self.routes_ready = 0
         self.routes_not_ready = 0
         self.registry.register(self)
@@ -103,6 +104,10 @@ class GatewayMetrics:
     def error(self, model: str, code: str) -> None:
         key = (model, code)
         self.errors[key] = self.errors.get(key, 0) + 1
+
+    def retry(self, model: str, reason: str) -> None:
+        key = (model, reason)
+        self.retries[key] = self.retries.get(key, 0) + 1
 
     def on_table(self, table: RoutingTable) -> None:
         self.routes_ready = sum(1 for route in table.by_name.values() if route.ready)
@@ -158,6 +163,14 @@ class GatewayMetrics:
         )
         for (model, code), count in list(self.errors.items()):
             errors.add_metric([model, code], count)
+        retries = CounterMetricFamily(
+            "llmep_gateway_backend_retries",
+            "Requests sent again (to the next replica, or on a fresh connection) because the "
+            "first send provably never reached the backend: reason connect_failed or not_written.",
+            labels=["model", "reason"],
+        )
+        for (model, reason), count in list(self.retries.items()):
+            retries.add_metric([model, reason], count)
         routes = GaugeMetricFamily(
             "llmep_gateway_models",
             "Model names in the routing table, by readiness.",
@@ -165,4 +178,4 @@ class GatewayMetrics:
         )
         routes.add_metric(["true"], self.routes_ready)
         routes.add_metric(["false"], self.routes_not_ready)
-        yield from (in_flight, held, duration, ttft, prompt, completion, errors, routes)
+        yield from (in_flight, held, duration, ttft, prompt, completion, errors, retries, routes)

@@ -25,7 +25,7 @@ from .settings import GatewaySettings
 log = logging.getLogger(__name__)
 
 MAX_HEADER_LINE = 8190
-SHUTDOWN_GRACE_S = 30.0
+CUT_GRACE_S = 5.0  # for cut requests to write their last error event and finish
 
 
 class _Protocol(RequestHandler):
@@ -160,7 +160,7 @@ class GatewayServer:
         log.info("gateway listening on %s:%d", s.host, self.port)
 
     async def _serve(self, server: web.Server, port: int) -> int:
-        runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_GRACE_S)
+        runner = web.ServerRunner(server, shutdown_timeout=CUT_GRACE_S)
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, self.settings.host, port, backlog=1024)
@@ -191,8 +191,13 @@ class GatewayServer:
                 on_backends=set_backends,
                 on_keys=self.keys.replace if s.keys_file is None else None,
                 url_template=s.backend_url_template,
+                request_timeout=s.kube_request_timeout,
+                watch_seconds=s.kube_watch_seconds,
+                retry_max_delay=s.kube_retry_max_delay,
             )
             self._kube.start(asyncio.get_running_loop())
+            kube = self._kube
+            self.gateway.stale = lambda: kube.stale(s.kube_sync_max_age)
 
     async def drain(self) -> None:
         """Fail readiness but keep serving for drain_seconds: the endpoint leaves every
@@ -202,6 +207,15 @@ class GatewayServer:
         await asyncio.sleep(self.settings.drain_seconds)
 
     async def stop(self) -> None:
+        """Close the listeners, let requests in flight (held ones too) finish for
+        shutdown_grace_seconds, then cut the rest: each ends in the envelope or an SSE error."""
+        for runner in self._runners:
+            for site in list(runner.sites):
+                await site.stop()
+        in_flight = self.gateway.in_flight
+        if not await in_flight.wait(self.settings.shutdown_grace_seconds):
+            log.warning("cutting %d requests still in flight after the grace period", in_flight.cut())
+            await in_flight.wait(CUT_GRACE_S)
         if self._kube is not None:
             self._kube.stop()
         for task in self._tasks:

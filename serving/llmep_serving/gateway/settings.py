@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Where the operator puts an endpoint's Serve Service (operator settings cluster_domain, serve_port).
@@ -79,6 +79,27 @@ class GatewaySettings(BaseSettings):
     body_timeout: float = Field(
         30.0, gt=0, description="Seconds a client has to send the whole request body."
     )
+    max_inflight_body_bytes: int = Field(
+        256 * 1024 * 1024,
+        gt=0,
+        description="Bytes of request bodies the gateway holds at once, all clients together "
+        "(being read, held for a model scaling from zero, or being forwarded), so its memory is "
+        "bounded by this rather than by its clients. Taken from Content-Length before a body is "
+        "read: a body larger than this is 413; one that does not fit beside the others is 429 "
+        "with Retry-After.",
+    )
+    max_response_bytes: int = Field(
+        64 * 1024 * 1024,
+        gt=0,
+        description="Largest non-streaming backend answer read; a larger one is 502 "
+        "backend_response_too_large. Streams are relayed as they arrive and have no cap.",
+    )
+    offload_parse_bytes: int = Field(
+        256 * 1024,
+        ge=0,
+        description="Bodies at least this large are parsed (for model and stream) in a worker "
+        "process, so a large JSON body never stalls the event loop and the streams it relays.",
+    )
     backend_connect_timeout: float = Field(
         5.0, gt=0, description="Seconds to open a connection to a backend."
     )
@@ -98,6 +119,44 @@ class GatewaySettings(BaseSettings):
         ge=0,
         description="After SIGTERM: seconds /readyz answers 503 while requests are still served, "
         "so Services stop sending new connections before the listener closes.",
+    )
+    shutdown_grace_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="After drain_seconds the listener closes and in-flight and held requests "
+        "have this long to finish; streams still open then end with an SSE error event and "
+        "[DONE]. The chart's terminationGracePeriodSeconds covers preStop + drain_seconds + this.",
+    )
+    stream_write_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a write to a streaming client may wait for the client to read; past "
+        "it the stream is dropped, its backend request cancelled and the key's slot freed.",
+    )
+    kube_request_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Cluster mode: seconds to connect to the API server and between bytes of a "
+        "list or watch answer; a silently dropped connection fails within this.",
+    )
+    kube_watch_seconds: int = Field(
+        30,
+        ge=1,
+        description="Cluster mode: seconds the API server keeps one watch open; each watch that "
+        "ends normally counts as a successful sync.",
+    )
+    kube_retry_max_delay: float = Field(
+        30.0,
+        gt=0,
+        description="Cluster mode: longest wait between failed list/watch attempts (backoff from "
+        "0.5 s, doubling, with jitter).",
+    )
+    kube_sync_max_age: float = Field(
+        60.0,
+        gt=0,
+        description="Cluster mode: /readyz fails once the last successful list or watch of any "
+        "source (routes, keys) is older than this, so a gateway with frozen routes and keys "
+        "leaves the Service. Must exceed kube_watch_seconds + kube_request_timeout.",
     )
     hold_keepalive_interval: float = Field(
         5.0, gt=0, description="Seconds between SSE keep-alive comments to held streams."
@@ -127,6 +186,17 @@ class GatewaySettings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"backend_url_template must be an http:// or https:// URL, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _sync_age_outlasts_a_quiet_watch(self) -> GatewaySettings:
+        # A healthy watch with no events syncs once per kube_watch_seconds (+ the request timeout).
+        if self.kube_sync_max_age <= self.kube_watch_seconds + self.kube_request_timeout:
+            raise ValueError(
+                f"kube_sync_max_age ({self.kube_sync_max_age}) must exceed kube_watch_seconds + "
+                f"kube_request_timeout ({self.kube_watch_seconds + self.kube_request_timeout}), "
+                "or readiness fails while the watches are healthy"
+            )
+        return self
 
     @field_validator("watch_namespaces", "plain_name_namespaces", mode="before")
     @classmethod

@@ -190,6 +190,8 @@ async def gateway_factory(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
             "keys_file": keys_file,
             "file_poll_interval": 0.02,
             "anonymous": keys is None,
+            # A test that leaves a request open must not hold its teardown for the default 30 s.
+            "shutdown_grace_seconds": 1,
         }
         server = GatewayServer(GatewaySettings(**{**defaults, **settings}))
         await server.start()

@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from llmep_serving.gateway.app import complete_events_end, parse_request
+from llmep_serving.gateway.app import complete_events_end
 from llmep_serving.gateway.auth import KeyStore, key_from_secret, parse_keys
 from llmep_serving.gateway.errors import GatewayError
 from llmep_serving.gateway.k8s import (
@@ -16,6 +16,7 @@ from llmep_serving.gateway.k8s import (
     keys_from_secrets,
 )
 from llmep_serving.gateway.metrics import usage_from
+from llmep_serving.gateway.request_body import parse_request
 from llmep_serving.gateway.routing import Backend, build_table, parse_routes
 
 pytestmark = pytest.mark.unit
