@@ -127,7 +127,9 @@ def test_scratch_values_reach_the_operator_and_bad_sizes_are_refused(tmp_path, m
     settings = operator_settings_from(template(sets=sets), tmp_path, monkeypatch)
     assert (settings.scratch.cache_size_limit, settings.scratch.tmp_size_limit) == ("1Ti", "2Gi")
     assert settings.scratch.ephemeral_storage_request == "2Gi"  # the operator's default, unset here
-    assert "operator.config.scratch.tmp_size_limit" in render_error("operator.config.scratch.tmp_size_limit=lots")
+    assert "at '/operator/config/scratch/tmp_size_limit': 'lots' does not match pattern" in render_error(
+        "operator.config.scratch.tmp_size_limit=lots"
+    )
 
 
 def test_settings_values_the_operator_rejects_fail_the_round_trip(tmp_path, monkeypatch):
