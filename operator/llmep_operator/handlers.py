@@ -11,7 +11,6 @@ from typing import Any
 
 import kopf
 import urllib3
-from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from llmep_operator import naming
@@ -27,8 +26,9 @@ _kube: Kube | None = None
 # would do the same but forces a finalizer, which blocks deletion whenever the operator is down.
 _known: dict[tuple[str, str], dict] = {}
 log = logging.getLogger(__name__)
-# Answers that mean the API server is restarting or overloaded: retry soon, without a traceback.
-_TRANSIENT_STATUS = {429, 500, 502, 503, 504}
+# Answers that mean the API server is restarting or overloaded, or that other status writers
+# kept winning (409): retry soon, without a traceback.
+_TRANSIENT_STATUS = {409, 429, 500, 502, 503, 504}
 
 
 def _transient(error: Exception) -> str | None:
@@ -43,9 +43,9 @@ def _transient(error: Exception) -> str | None:
 def kube() -> Kube:
     global _kube
     if _kube is None:
-        from llmep_operator.kube import load_config
+        from llmep_operator.kube import BoundedApiClient, load_config
 
-        _kube = Kube(SETTINGS.field_manager, client.ApiClient(load_config()))
+        _kube = Kube(SETTINGS.field_manager, BoundedApiClient(load_config(), SETTINGS.api_timeouts))
     return _kube
 
 
@@ -56,7 +56,16 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix=naming.KOPF_PREFIX, key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING
-    settings.watching.server_timeout = 300
+    timeouts = SETTINGS.api_timeouts
+    # Every request and watch of kopf's own is bounded too: a watch on a connection that went
+    # silent ends (no bookmark within the inactivity bound, or its whole duration passed) and
+    # resumes from its last resourceVersion.
+    settings.networking.connect_timeout = timeouts.connect_seconds
+    settings.networking.request_timeout = timeouts.request_seconds
+    settings.watching.connect_timeout = timeouts.connect_seconds
+    settings.watching.server_timeout = timeouts.watch_seconds
+    settings.watching.client_timeout = timeouts.watch_seconds + timeouts.request_seconds
+    settings.watching.inactivity_timeout = timeouts.watch_inactivity_seconds
     settings.execution.max_workers = 16
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from datetime import UTC, datetime
@@ -12,6 +13,7 @@ from kubernetes.client.exceptions import ApiException
 
 from llmep_operator import naming
 from llmep_operator.api import GROUP, KIND, PLURAL, VERSION
+from llmep_operator.settings import ApiTimeouts
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +44,35 @@ def load_config() -> client.Configuration:
     return configuration
 
 
+class BoundedApiClient(client.ApiClient):
+    """An ApiClient whose every call has a (connect, read) timeout unless the call names its own:
+    urllib3 otherwise waits forever on a connection that went silent."""
+
+    def __init__(self, configuration: client.Configuration | None = None, timeouts: ApiTimeouts | None = None):
+        configuration = copy.deepcopy(configuration) if configuration else client.Configuration()
+        # urllib3 would retry a timed-out GET three times, quadrupling the bound; the operator
+        # retries on its own (kopf's TemporaryError, the drift loop).
+        configuration.retries = False
+        super().__init__(configuration)
+        timeouts = timeouts or ApiTimeouts()
+        self.timeout = (timeouts.connect_seconds, timeouts.request_seconds)
+
+    def call_api(
+        self,
+        method: str,
+        url: str,
+        header_params: dict | None = None,
+        body: Any = None,
+        post_params: list | None = None,
+        _request_timeout: Any = None,
+    ) -> Any:
+        return super().call_api(method, url, header_params, body, post_params, _request_timeout or self.timeout)
+
+
 class Kube:
     def __init__(self, field_manager: str, api_client: client.ApiClient | None = None):
         self.field_manager = field_manager
-        self.api = api_client or client.ApiClient()
+        self.api = api_client or BoundedApiClient()
         self.core = client.CoreV1Api(self.api)
 
     def _path(self, api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
@@ -103,9 +130,12 @@ class Kube:
         result = self._call("GET", f"/api/v1/namespaces/{namespace}/pods", query=[("labelSelector", selector)])
         return result.get("items", [])
 
-    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any], resource_version: str) -> None:
+        """Merge-patch status, only over `resource_version`: the API server answers 409 Conflict
+        when anything changed the endpoint since, so a writer never overwrites a newer status."""
         path = self._path(f"{GROUP}/{VERSION}", KIND, namespace, name) + "/status"
-        self._call("PATCH", path, {"status": status}, content_type="application/merge-patch+json")
+        body = {"metadata": {"resourceVersion": resource_version}, "status": status}
+        self._call("PATCH", path, body, content_type="application/merge-patch+json")
 
     def post_event(self, involved: dict[str, Any], event_type: str, reason: str, message: str) -> None:
         meta = involved["metadata"]

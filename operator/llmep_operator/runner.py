@@ -15,10 +15,51 @@ import urllib.parse
 log = logging.getLogger("llmep.operator")
 
 
-def _elect_leader(lease_name: str, lease_namespace: str, identity: str) -> None:
+# How long the leader keeps trying to renew its Lease before it steps down (kubernetes' default).
+RENEW_DEADLINE_SECONDS = 10
+
+
+def _lease_lock(lease_name: str, lease_namespace: str, identity: str, configuration: object) -> object:
+    """A LeaseLock whose calls are bounded, and fail (rather than raise) when the API server is
+    unreachable: an exception would end the election thread while this process keeps reconciling,
+    and a call that never returns would keep it from noticing the lost lease."""
+    import urllib3
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
+
+    from llmep_operator.kube import BoundedApiClient
+    from llmep_operator.settings import ApiTimeouts
+
+    class BoundedLeaseLock(LeaseLock):
+        def get(self, name: str, namespace: str) -> tuple[bool, object]:
+            try:
+                return super().get(name, namespace)
+            except urllib3.exceptions.HTTPError as error:
+                return False, ApiException(status=0, reason=f"API server unreachable: {type(error).__name__}")
+
+        def create(self, name: str, namespace: str, election_record: object) -> bool:
+            try:
+                return super().create(name, namespace, election_record)
+            except urllib3.exceptions.HTTPError:
+                return False
+
+        def update(self, name: str, namespace: str, updated_record: object) -> bool:
+            try:
+                return super().update(name, namespace, updated_record)
+            except urllib3.exceptions.HTTPError:
+                return False
+
+    lock = BoundedLeaseLock(lease_name, lease_namespace, identity)
+    # A renewal must fail well within the renew deadline, so a leader on a dead connection steps down.
+    timeouts = ApiTimeouts(request_seconds=RENEW_DEADLINE_SECONDS / 2)
+    lock.api_instance = client.CoordinationV1Api(BoundedApiClient(configuration, timeouts))
+    return lock
+
+
+def _elect_leader(lease_name: str, lease_namespace: str, identity: str, configuration: object) -> None:
     """Block until this process holds the Lease; exit the process if it is ever lost."""
     from kubernetes.leaderelection import electionconfig, leaderelection
-    from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
     leading = threading.Event()
 
@@ -27,9 +68,9 @@ def _elect_leader(lease_name: str, lease_namespace: str, identity: str) -> None:
         os._exit(1)
 
     config = electionconfig.Config(
-        LeaseLock(lease_name, lease_namespace, identity),
+        _lease_lock(lease_name, lease_namespace, identity, configuration),
         lease_duration=15,
-        renew_deadline=10,
+        renew_deadline=RENEW_DEADLINE_SECONDS,
         retry_period=2,
         onstarted_leading=leading.set,
         onstopped_leading=lost,
@@ -98,15 +139,12 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from kubernetes import client
-
-    client.Configuration.set_default(load_config())  # for the leader election's Lease calls
     namespaces = args.namespace or handlers.SETTINGS.namespaces
     if args.leader_elect:
         identity = f"{socket.gethostname()}-{os.getpid()}"
         # A standby is alive while it waits: answer the liveness probe until kopf takes over.
         with _liveness_while_waiting(args.liveness):
-            _elect_leader(args.lease_name, args.lease_namespace, identity)
+            _elect_leader(args.lease_name, args.lease_namespace, identity, load_config())
     kopf.run(
         standalone=True,  # one reconciler is guaranteed by the Lease, not by kopf peering
         namespaces=list(namespaces),

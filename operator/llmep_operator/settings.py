@@ -225,6 +225,39 @@ class EndpointNetworkPolicy(BaseModel):
     )
 
 
+class ApiTimeouts(BaseModel):
+    """Client-side bounds on every call to the API server, so that a connection dropped without a
+    FIN or RST (a node, NAT or load balancer that forgets it) cannot freeze the operator."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    connect_seconds: float = Field(default=5.0, gt=0, description="Connecting to the API server, TLS included.")
+    request_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "One API call (get, apply, status, event, the leader Lease): the longest wait for its"
+            " answer before it fails and is retried."
+        ),
+    )
+    watch_seconds: int = Field(
+        default=300,
+        ge=10,
+        description=(
+            "How long the API server keeps one watch request open (timeoutSeconds); the operator gives"
+            " up on it request_seconds later, and reconnects from the last resourceVersion."
+        ),
+    )
+    watch_inactivity_seconds: float = Field(
+        default=70.0,
+        gt=0,
+        description=(
+            "A watch that brings no event for this long is restarted: the API server sends a bookmark"
+            " every minute, so silence means the connection is gone."
+        ),
+    )
+
+
 class OperatorSettings(BaseSettings):
     """Everything the operator needs to know besides the LLMEndpoints themselves."""
 
@@ -259,6 +292,9 @@ class OperatorSettings(BaseSettings):
     drift_check_seconds: float = Field(default=60.0, gt=0, description="How often children are re-applied.")
     status_poll_seconds: float = Field(
         default=10.0, gt=0, description="How often status is refreshed while not Serving."
+    )
+    api_timeouts: ApiTimeouts = Field(
+        default_factory=ApiTimeouts, description="Client-side timeouts of API calls and watches."
     )
     autoscaler_idle_timeout_seconds: int = Field(
         default=300, ge=0, description="How long an idle GPU worker pod is kept before KubeRay removes it."

@@ -1,0 +1,95 @@
+"""A connection to the API server that goes silent (dropped without FIN or RST by a node, NAT or
+load balancer) cannot freeze the operator: every call and watch has a client-side bound.
+
+The silent server is a real listening socket that never answers: the kernel completes the TCP
+handshake and then nothing comes back, which is what a dropped connection looks like."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from datetime import datetime
+
+import kopf
+import pytest
+import urllib3
+from kubernetes import client
+from kubernetes.leaderelection.leaderelectionrecord import LeaderElectionRecord
+
+from llmep_operator import handlers
+from llmep_operator.kube import BoundedApiClient, Kube
+from llmep_operator.runner import RENEW_DEADLINE_SECONDS, _lease_lock
+from llmep_operator.settings import ApiTimeouts, OperatorSettings
+
+pytestmark = pytest.mark.unit
+NOW = str(datetime.now())
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def _configuration(host: str) -> client.Configuration:
+    configuration = client.Configuration()
+    configuration.host = host
+    return configuration
+
+
+def test_every_kube_call_gives_up_on_a_silent_api_server_within_its_bound(silent_server):
+    timeouts = ApiTimeouts(connect_seconds=1, request_seconds=0.5)
+    kube = Kube("llmep-operator", BoundedApiClient(_configuration(silent_server), timeouts))
+    endpoint = {"metadata": {"name": "qwen", "namespace": "team-a"}, "status": {}}
+    calls = {
+        "get": lambda: kube.get("llmep.io/v1alpha1", "LLMEndpoint", "team-a", "qwen"),
+        "pods": lambda: kube.pods_of("team-a", "qwen"),
+        "status": lambda: kube.patch_status("team-a", "qwen", {"url": None}, "1"),
+        "apply": lambda: kube.apply({"apiVersion": "v1", "kind": "Service", "metadata": endpoint["metadata"]}),
+    }
+    for name, call in calls.items():
+        started = time.monotonic()
+        with pytest.raises(urllib3.exceptions.ReadTimeoutError) as raised:
+            call()
+        assert time.monotonic() - started < 3, f"{name} waited past its bound"
+        # The handlers retry it (kopf.TemporaryError), with a one-line reason and no traceback.
+        assert handlers._transient(raised.value) == "API server unreachable: ReadTimeoutError"
+
+
+def test_an_event_on_a_silent_api_server_is_given_up_not_waited_for(silent_server):
+    kube = Kube("llmep-operator", BoundedApiClient(_configuration(silent_server), ApiTimeouts(request_seconds=0.5)))
+    started = time.monotonic()
+    with pytest.raises(urllib3.exceptions.ReadTimeoutError):
+        kube.post_event({"metadata": {"name": "qwen", "namespace": "team-a"}}, "Normal", "Serving", "up")
+    assert time.monotonic() - started < 3
+
+
+def test_the_leader_lease_fails_a_renewal_on_a_silent_api_server_instead_of_hanging(silent_server):
+    """A hung renewal would keep the leader reconciling after its Lease expired elsewhere; an
+    exception would end the election thread. Either way two replicas would reconcile."""
+    lock = _lease_lock("llmep-operator", "llmep-system", "me", _configuration(silent_server))
+    started = time.monotonic()
+    found, error = lock.get("llmep-operator", "llmep-system")
+    assert not found and "unreachable" in error.reason
+    assert lock.create("llmep-operator", "llmep-system", LeaderElectionRecord("me", "15", NOW, NOW)) is False
+    assert time.monotonic() - started < 2 * RENEW_DEADLINE_SECONDS
+
+
+def test_kopf_watches_and_requests_are_bounded_by_the_settings(monkeypatch):
+    monkeypatch.setattr(
+        handlers,
+        "SETTINGS",
+        OperatorSettings(api_timeouts=ApiTimeouts(connect_seconds=3, request_seconds=20, watch_seconds=120)),
+    )
+    settings = kopf.OperatorSettings()
+    handlers.configure(settings=settings)
+    assert settings.networking.connect_timeout == 3
+    assert settings.networking.request_timeout == 20
+    assert settings.watching.connect_timeout == 3
+    assert settings.watching.server_timeout == 120
+    # The client gives up on a watch shortly after the server would have ended it.
+    assert settings.watching.client_timeout == 140
+    assert settings.watching.inactivity_timeout == 70
