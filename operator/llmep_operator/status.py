@@ -197,6 +197,17 @@ def build_status(obs: Observation, old_status: dict[str, Any] | None, now: datet
     return {k: v for k, v in status.items() if v is not None}
 
 
+def status_patch(old_status: dict[str, Any] | None, new_status: dict[str, Any]) -> dict[str, Any]:
+    """The merge patch from the stored status to `new_status`; {} when they are equal.
+
+    A key the new status no longer has (`url` once the spec is invalid) is sent as null, the only
+    way a merge patch removes it; kopf's own `kopf` key is left alone."""
+    old_status = old_status or {}
+    patch = {k: v for k, v in new_status.items() if old_status.get(k) != v}
+    patch.update({k: None for k in old_status if k not in new_status and k != "kopf"})
+    return patch
+
+
 def ready_transition(old_status: dict[str, Any] | None, new_status: dict[str, Any]) -> tuple[str, str, str] | None:
     """(event type, reason, message) when Ready's status or reason changed, else None."""
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from llmep_operator.status import Observation, build_status, judge, ready_transition
+from llmep_operator.status import Observation, build_status, judge, ready_transition, status_patch
 
 pytestmark = pytest.mark.unit
 
@@ -125,3 +125,34 @@ def test_events_only_on_ready_transitions():
     assert ready_transition(waiting, waiting) is None
     serving = build_status(_obs(rayservice=_rayservice(ready=True), pods=[_pod("w", ready=True)]), waiting, T1)
     assert ready_transition(waiting, serving)[:2] == ("Normal", "Serving")
+
+
+def test_a_spec_turned_invalid_patches_the_url_away():
+    """A merge patch keeps every key it does not name: the stale url must be sent as null, or the
+    gateway keeps holding requests for an endpoint that can no longer serve (instead of a 404)."""
+    serving = build_status(_obs(rayservice=_rayservice(ready=True), pods=[_pod("w1", ready=True)]), None, T0)
+    invalid = build_status(_obs(invalid="spec.resources.profile 'x' is not a profile"), serving, T1)
+    patch = status_patch({**serving, "kopf": {"progress": {}}}, invalid)
+    assert patch["url"] is None and patch["rayService"] is None
+    assert "kopf" not in patch  # kopf's own bookkeeping is not ours to remove
+    stored = _merge_patch(serving, patch)
+    assert "url" not in stored and _cond(stored, "Ready")["reason"] == "InvalidSpec"
+
+
+def test_an_unchanged_status_needs_no_patch():
+    obs = _obs(rayservice=_rayservice(ready=True), pods=[_pod("w1", ready=True)])
+    first = build_status(obs, None, T0)
+    assert status_patch(first, build_status(obs, first, T1)) == {}
+
+
+def _merge_patch(target: dict, patch: dict) -> dict:
+    """RFC 7386 merge patch, as the API server applies it to status."""
+    merged = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge_patch(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
