@@ -31,6 +31,10 @@ class FakeBackend:
     break_after: int | None = None  # close the connection after this many stream chunks
     delay: float = 0.0  # before answering a non-streaming request
     error: tuple[int, dict[str, Any]] | None = None  # answer every request with (status, body)
+    crash: bool = False  # drop the connection after reading a request, before any answer
+    pad: int = 0  # bytes of padding in each stream chunk, to fill socket buffers quickly
+    answer_bytes: int = 0  # pad a non-streaming answer's content to this many bytes
+    disconnects: int = 0  # streams whose client went away before the end
     requests: list[dict[str, Any]] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
@@ -43,6 +47,10 @@ class FakeBackend:
         self.paths.append(request.path_qs)
         self.headers.append(dict(request.headers))
         model = body.get("model")
+        if self.crash:
+            assert request.transport is not None
+            request.transport.abort()  # the replica dies mid-generation, before its headers
+            return web.Response()
         if self.error is not None:
             return web.json_response(self.error[1], status=self.error[0])
         if request.path.endswith("/embeddings"):
@@ -67,7 +75,7 @@ class FakeBackend:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": f"from {self.name}"},
+                        "message": {"role": "assistant", "content": f"from {self.name}".ljust(self.answer_bytes)},
                         "finish_reason": "stop",
                     }
                 ],
@@ -90,9 +98,13 @@ class FakeBackend:
                 "object": "chat.completion.chunk",
                 "created": 1,
                 "model": model,
-                "choices": [{"index": 0, "delta": {"content": f"{i} "}, "finish_reason": None}],
+                "choices": [{"index": 0, "delta": {"content": f"{i} " + " " * self.pad}, "finish_reason": None}],
             }
-            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            try:
+                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            except ConnectionError:
+                self.disconnects += 1  # the gateway dropped the stream: vLLM would abort the sequence
+                return resp
         final = {
             "id": "chatcmpl-1",
             "object": "chat.completion.chunk",
@@ -108,7 +120,7 @@ class FakeBackend:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/v1/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.5)  # a test may leave a slow answer behind
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()

@@ -103,3 +103,36 @@ async def test_draining_gateway_fails_readiness_and_still_answers(backend_factor
             assert not drain.done()
         finally:
             drain.cancel()
+
+
+@pytest.mark.asyncio
+async def test_a_request_whose_replica_crashed_on_it_is_not_sent_to_another(backend_factory, gateway_factory):
+    """vLLM answers a non-streaming request only once it has generated it: a replica that drops
+    the connection after reading the request may have run it, so it is never replayed."""
+    a, b = await backend_factory("a", crash=True), await backend_factory("b", crash=True)
+    gw = await gateway_factory([{"models": ["m"], "url": [a.url, b.url]}])
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{gw.url}/chat/completions", json=CHAT) as resp:
+            body = await resp.json()
+        async with session.get(f"{gw.root}/metrics") as metrics:
+            exposition = await metrics.text()
+
+    assert resp.status == 502
+    assert body["error"]["code"] == "backend_unavailable"
+    assert len(a.requests) + len(b.requests) == 1
+    assert "llmep_gateway_backend_retries_total{" not in exposition
+
+
+@pytest.mark.asyncio
+async def test_a_refused_connect_is_retried_once_on_the_next_replica_and_counted(backend_factory, gateway_factory):
+    alive = await backend_factory("alive")
+    gw = await gateway_factory([{"models": ["m"], "url": [_closed_port_url(), alive.url]}])
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{gw.url}/chat/completions", json=CHAT) as resp:
+            body = await resp.json()
+        async with session.get(f"{gw.root}/metrics") as metrics:
+            exposition = await metrics.text()
+
+    assert resp.status == 200 and body["choices"][0]["message"]["content"] == "from alive"
+    assert len(alive.requests) == 1
+    assert 'llmep_gateway_backend_retries_total{model="m",reason="connect_failed"} 1.0' in exposition
