@@ -315,3 +315,23 @@ def test_chart_crd_is_the_generated_one():
     assert unkept == yaml.safe_load(generated)
     assert chart_crd.startswith("{{- if .Values.crds.enabled }}")
     assert not by_kind(template(sets={"crds.enabled": "false"}), "CustomResourceDefinition")
+
+
+def test_gateway_termination_grace_covers_prestop_drain_and_shutdown_grace(monkeypatch):
+    """The kubelet never kills a draining gateway: the grace period covers the preStop sleep,
+    drain_seconds and shutdown_grace_seconds the gateway itself loads from the rendered env."""
+    objects = template(sets={"gateway.settings.shutdown_grace_seconds": "40"})
+    pod = by_kind(objects, "Deployment")["llmep-gateway"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    for var in [v for v in os.environ if v.startswith("LLMEP_GATEWAY_")]:
+        monkeypatch.delenv(var)
+    for env in container["env"]:
+        if env["name"].startswith("LLMEP_GATEWAY_"):
+            monkeypatch.setenv(env["name"], env["value"])
+    settings = GatewaySettings()
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+
+    assert settings.shutdown_grace_seconds == 40
+    assert pod["terminationGracePeriodSeconds"] == pre_stop + settings.drain_seconds + 40 + 5
+    error = render_error("gateway.terminationGracePeriodSeconds=10")
+    assert "is below preStopSleepSeconds + drain_seconds + shutdown_grace_seconds" in error
