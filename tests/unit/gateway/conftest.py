@@ -35,6 +35,7 @@ class FakeBackend:
     pad: int = 0  # bytes of padding in each stream chunk, to fill socket buffers quickly
     answer_bytes: int = 0  # pad a non-streaming answer's content to this many bytes
     disconnects: int = 0  # streams whose client went away before the end
+    gate: asyncio.Event | None = None  # non-streaming answers wait until the test sets it
     requests: list[dict[str, Any]] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
@@ -66,6 +67,8 @@ class FakeBackend:
             return await self._stream(request, model)
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.gate is not None:
+            await self.gate.wait()
         return web.json_response(
             {
                 "id": "chatcmpl-1",

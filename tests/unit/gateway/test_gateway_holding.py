@@ -92,17 +92,16 @@ async def test_held_stream_gets_keepalive_comments_then_the_answer(
         [{"models": ["m"], "url": backend.url, "ready": False}], hold_keepalive_interval=0.1
     )
 
-    async def flip_later():
-        await asyncio.sleep(0.45)
-        await gw.set_routes([{"models": ["m"], "url": backend.url, "ready": True}])
-
-    flipper = asyncio.create_task(flip_later())
+    lines = []
     async with httpx.AsyncClient() as h:
         async with h.stream(
             "POST", f"{gw.url}/chat/completions", json={"model": "m", "stream": True}
         ) as reply:
-            lines = [line async for line in reply.aiter_lines() if line]
-    await flipper
+            async for line in reply.aiter_lines():
+                if line:
+                    lines.append(line)
+                if line == ": keep-alive" and lines.count(line) == 3:  # three keep-alives seen: now ready
+                    await gw.set_routes([{"models": ["m"], "url": backend.url, "ready": True}])
 
     keepalives = [line for line in lines if line == ": keep-alive"]
     data = [line for line in lines if line.startswith("data: ")]
@@ -136,14 +135,10 @@ async def test_sdk_stream_through_a_hold_sees_only_the_chunks(backend_factory, g
         [{"models": ["m"], "url": backend.url, "ready": False}], hold_keepalive_interval=0.05
     )
 
-    async def flip_later():
-        await asyncio.sleep(0.2)
-        await gw.set_routes([{"models": ["m"], "url": backend.url, "ready": True}])
-
-    flipper = asyncio.create_task(flip_later())
+    # create() returns with the 200, which a held stream gets with its first keep-alive.
     stream = await client(gw.url).chat.completions.create(model="m", messages=[], stream=True)
+    await gw.set_routes([{"models": ["m"], "url": backend.url, "ready": True}])
     texts = [c.choices[0].delta.content async for c in stream if c.choices]
-    await flipper
 
     assert texts == ["0 ", "1 ", "2 "]
 

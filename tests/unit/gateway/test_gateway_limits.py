@@ -136,10 +136,11 @@ async def test_absolute_form_request_target_is_not_forwarded(backend_factory, ga
 async def test_per_key_concurrency_over_the_limit_is_429_with_retry_after(
     backend_factory, gateway_factory
 ):
+    gate = asyncio.Event()
     backend, gw = await one_backend(
         backend_factory,
         gateway_factory,
-        backend={"delay": 2.0},
+        backend={"gate": gate},
         max_concurrency_per_key=1,
         retry_after_seconds=2,
         keys=[{"name": "a", "key": "sk-a"}, {"name": "b", "key": "sk-b"}],
@@ -153,8 +154,12 @@ async def test_per_key_concurrency_over_the_limit_is_429_with_retry_after(
 
     with pytest.raises(openai.RateLimitError) as err:
         await client(gw.url, "sk-a").chat.completions.create(model="m", messages=[])
-    other_key = await client(gw.url, "sk-b").chat.completions.create(model="m", messages=[])
-    done = await first
+    other_key = asyncio.create_task(client(gw.url, "sk-b").chat.completions.create(model="m", messages=[]))
+    async with asyncio.timeout(10):  # key b has its own slot: its request reaches the backend too
+        while len(backend.requests) < 2:
+            await asyncio.sleep(0.01)
+    gate.set()
+    done, other_key = await first, await other_key
     after = await client(gw.url, "sk-a").chat.completions.create(model="m", messages=[])
 
     assert err.value.response.headers["retry-after"] == "2"
