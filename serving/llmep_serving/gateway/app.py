@@ -37,7 +37,6 @@ SSE_HEADERS = {
 BACKEND_HEADERS = {"Accept-Encoding": "identity", "User-Agent": "llmep-gateway"}
 FORWARDED_HEADERS = ("Accept", "X-Request-Id", "traceparent", "tracestate")
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
-POOL_IDLE_S = 4.0
 WAKE_INTERVAL = 5.0  # seconds between wake-up requests to one backend
 MAX_PENDING_EVENT = 1 << 20  # an SSE event larger than this is forwarded even if incomplete
 _URL_CACHE_SIZE = 4096
@@ -102,11 +101,10 @@ class Gateway:
                 total=None, sock_connect=s.backend_connect_timeout, sock_read=s.backend_read_timeout
             ),
         }
-        # Idle pooled connections are dropped before backends drop them (uvicorn, which serves
-        # Ray Serve's HTTP, closes idle keep-alive connections after 5 s), so reuse rarely
-        # meets a connection the backend has just closed.
+        # Idle pooled connections are dropped before backends drop them, so reuse never meets a
+        # connection the backend is closing (a request sent on one is not replayed).
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=POOL_IDLE_S), **options
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=s.backend_pool_idle_seconds), **options
         )
         self._fresh = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=True), **options

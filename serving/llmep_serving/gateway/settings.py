@@ -106,6 +106,15 @@ class GatewaySettings(BaseSettings):
     backend_read_timeout: float = Field(
         600.0, gt=0, description="Seconds to wait for the next bytes from a backend."
     )
+    backend_pool_idle_seconds: float = Field(
+        4.0,
+        gt=0,
+        description=(
+            "Idle pooled backend connections are dropped after this, before the backends drop them"
+            " (Ray Serve's HTTP and HAProxy close idle keep-alive connections after 5 s): a POST"
+            " written onto a connection the backend is closing cannot be replayed safely."
+        ),
+    )
     hold_deadline: float = Field(
         300.0,
         ge=0,
