@@ -18,16 +18,22 @@ only inside functions: the operator and the gateway never import them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import psutil
 
 LOOPBACK = "127.0.0.1"
 # Keys of a serveConfigV2 application entry that the local runner honours.
@@ -82,6 +88,7 @@ class LocalServe:
         poll_interval_s: float = 1.0,
         env: Mapping[str, str] | None = None,
         progress: Callable[[str], None] | None = _default_progress,
+        stop_grace_s: float = 5.0,
     ) -> None:
         unknown = set(application) - _SUPPORTED_APP_KEYS
         if unknown:
@@ -102,6 +109,8 @@ class LocalServe:
         self.env = dict(env or {})
         self._progress = progress or (lambda _line: None)
         self._started_ray = False
+        self._ray_roots: list[psutil.Process] = []
+        self.stop_grace_s = stop_grace_s
         self._saved_env: dict[str, str | None] = {}
 
     # -- addresses ---------------------------------------------------------------------
@@ -132,13 +141,19 @@ class LocalServe:
         t0 = time.monotonic()
         if not ray.is_initialized():
             self._export_env()
+            before = {child.pid for child in _children()}
+            sigterm = signal.getsignal(signal.SIGTERM)
             ray.init(
                 num_cpus=self.num_cpus,
                 include_dashboard=False,
                 log_to_driver=False,
                 configure_logging=False,
             )
+            if sigterm is not None and threading.current_thread() is threading.main_thread():
+                # ray.init makes SIGTERM a bare sys.exit; the caller's own handling stays.
+                signal.signal(signal.SIGTERM, sigterm)
             self._started_ray = True
+            self._ray_roots = [child for child in _children() if child.pid not in before]
         elif (cpus := ray.cluster_resources().get("CPU", 0)) < (self.num_cpus or 0):
             # Someone else's ray.init (or a library's implicit one) would starve the replicas.
             raise LocalServeError(
@@ -159,11 +174,16 @@ class LocalServe:
         import ray
         from ray import serve
 
+        # Ray's processes as they are now: its workers and agents start after ray.init.
+        ray_processes = _with_descendants(self._ray_roots)
         if ray.is_initialized():
             serve.shutdown()
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
+            # DashboardAgent and RuntimeEnvAgent ignore SIGTERM and outlive ray.shutdown().
+            stop_processes(ray_processes, self.stop_grace_s)
+            self._ray_roots = []
         self._restore_env()
 
     # -- status ------------------------------------------------------------------------
@@ -263,6 +283,37 @@ class LocalServe:
             return bool(self.models())
         except (urllib.error.URLError, OSError, ValueError):
             return False
+
+
+def _children() -> list[psutil.Process]:
+    import psutil  # ships with Ray and vLLM, like everything local mode needs
+
+    return psutil.Process().children()
+
+
+def _with_descendants(roots: list[psutil.Process]) -> list[psutil.Process]:
+    import psutil
+
+    found = list(roots)
+    for root in roots:
+        with contextlib.suppress(psutil.Error):
+            found.extend(root.children(recursive=True))
+    return found
+
+
+def stop_processes(processes: list[psutil.Process], grace_s: float) -> None:
+    """SIGTERM what is still running, then SIGKILL what is left after `grace_s`; reap them all."""
+    import psutil
+
+    alive = [p for p in processes if p.is_running()]
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, left = psutil.wait_procs(alive, timeout=grace_s)
+    for process in left:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(left, timeout=grace_s)
 
 
 def _free_port(host: str) -> int:

@@ -9,6 +9,7 @@ renders, on a local Ray cluster, behind the llmep gateway.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import re
 import secrets
@@ -20,7 +21,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import yaml
@@ -30,7 +31,13 @@ from llmep_operator.errors import InvalidSpec
 from llmep_operator.render import build_ray_app
 from llmep_operator.settings import OperatorSettings
 
+if TYPE_CHECKING:
+    from llmep_serving.local import LocalServe
+
 LOOPBACK = "127.0.0.1"
+_PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+# Seconds a process is given to exit on SIGTERM before SIGKILL (Ray's agents ignore SIGTERM).
+_STOP_GRACE_S = 10.0
 
 SNIPPET = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
@@ -144,6 +151,30 @@ def _stop_on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # the same clean shutdown as Ctrl-C
 
 
+def _adopt_orphans() -> None:
+    """Make this process the subreaper of everything it starts (Linux): a Ray or vLLM process
+    whose parent dies is handed to us, not to init, so the last sweep still finds it."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _stop_everything_started(gateway: subprocess.Popen | None, local: LocalServe | None) -> None:
+    """The gateway, then the Ray cluster, then whatever of theirs is left: nothing survives."""
+    import psutil  # ships with Ray and vLLM
+
+    from llmep_serving.local import stop_processes
+
+    # A second Ctrl-C or SIGTERM must not cut the cleanup short; each step is bounded.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if gateway and gateway.poll() is None:
+        stop_processes([psutil.Process(gateway.pid)], _STOP_GRACE_S)
+        gateway.wait()
+    if local is not None:
+        local.stop()
+    stop_processes(psutil.Process().children(recursive=True), _STOP_GRACE_S)
+
+
 def run(args: argparse.Namespace) -> int:
     from llmep_serving.local import LocalServe, LocalServeError
 
@@ -151,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
     # shell leaves SIGINT ignored) and even while the engine is still loading.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    _adopt_orphans()
     try:
         endpoint = parse_endpoint(endpoint_manifest(args))
         # LLMEP_* variables tune it as they tune the operator (e.g. LLMEP_SERVING_PATH=proxy).
@@ -223,14 +255,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"llmep serve: {error}", file=sys.stderr)
             return 1
         finally:
-            if gateway and gateway.poll() is None:
-                gateway.terminate()
-                try:
-                    gateway.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    gateway.kill()
-            if local is not None:
-                local.stop()
+            _stop_everything_started(gateway, local)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
