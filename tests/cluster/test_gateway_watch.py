@@ -197,7 +197,7 @@ async def test_gateway_follows_endpoints_and_key_secrets_live(cluster, namespace
         set_status(cluster, namespace, "qwen-small", url, ready=False)
         await eventually(_held_route(server))
         held = asyncio.create_task(c.chat.completions.create(model="qwen-small", messages=[]))
-        await asyncio.sleep(1)
+        await eventually(_holding(server, 1))
         assert not held.done()
         set_status(cluster, namespace, "qwen-small", url, ready=True)
         reply = await asyncio.wait_for(held, 30)
@@ -217,6 +217,13 @@ async def test_gateway_follows_endpoints_and_key_secrets_live(cluster, namespace
     finally:
         await server.stop()
         await backend.cleanup()
+
+
+def _holding(server: GatewayServer, requests: int):
+    async def check():
+        assert server.metrics.model("qwen-small").held == requests
+
+    return check
 
 
 def _held_route(server: GatewayServer):
