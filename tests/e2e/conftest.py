@@ -26,7 +26,6 @@ from tests.e2e.kind import (
     kind_binary,
     kubectl_binary,
     kuberay_manifests,
-    network_policy_manifests,
     run_step,
 )
 from tests.helm import CHART, helm
@@ -90,9 +89,6 @@ def kind_cluster(images: Images) -> Iterator[KindCluster]:
                 timeout=1800,
             )
             assert run.returncode == 0, f"kind load docker-image {image} failed: {run.stderr[-2000:]}"
-        # The node's ptp CNI enforces no NetworkPolicy: kube-network-policies does, as kindnetd would.
-        cluster.kubectl("apply", "-f", "-", input=network_policy_manifests())
-        cluster.kubectl("rollout", "status", "daemonset/kube-network-policies", "-n", "kube-system", "--timeout=300s")
         yield cluster
     finally:
         if keep:

@@ -34,7 +34,6 @@ class Images:
     llmep: str
     serving: str
     kuberay: str
-    network_policies: str
     node: str
 
     @classmethod
@@ -44,14 +43,11 @@ class Images:
             llmep=f"ghcr.io/llmep/llmep:{version}",
             serving=f"ghcr.io/llmep/llmep-serving-cpu:{version}",
             kuberay=f"quay.io/kuberay/operator:{pins['KUBERAY_VERSION']}",
-            network_policies=(
-                f"registry.k8s.io/networking/kube-network-policies:{pins['KUBE_NETWORK_POLICIES_VERSION']}"
-            ),
             node=f"llmep/kind-node:{kube_version()}",
         )
 
     def workloads(self) -> list[str]:
-        return [self.llmep, self.serving, self.kuberay, self.network_policies]
+        return [self.llmep, self.serving, self.kuberay]
 
 
 def run_step(*cmd: str, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -68,25 +64,16 @@ def kubectl_binary() -> Path:
     return rig_bin_dir() / "kubectl"
 
 
-def _manifests(script: str, *args: str) -> str:
+def kuberay_manifests(namespace: str) -> str:
+    """KubeRay's own operator manifests in `namespace` (hack/kuberay-manifests)."""
     return subprocess.run(
-        [str(REPO_ROOT / "hack" / script), *args],
+        [str(REPO_ROOT / "hack" / "kuberay-manifests"), namespace],
         capture_output=True,
         text=True,
         check=True,
         timeout=300,
         env={**os.environ, "KUBECTL": str(kubectl_binary())},
     ).stdout
-
-
-def kuberay_manifests(namespace: str) -> str:
-    """KubeRay's own operator manifests in `namespace` (hack/kuberay-manifests)."""
-    return _manifests("kuberay-manifests", namespace)
-
-
-def network_policy_manifests() -> str:
-    """kube-network-policies' own manifests, the NetworkPolicy enforcer (hack/network-policy-manifests)."""
-    return _manifests("network-policy-manifests")
 
 
 def wait_for(what: str, check, timeout: float, interval: float = 2.0):

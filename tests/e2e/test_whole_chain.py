@@ -11,14 +11,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from pytest_kind import KindCluster
 
-from tests.e2e.kind import Images, wait_for
+from tests.e2e.kind import wait_for
 from tests.helm import helm
 
 pytestmark = [pytest.mark.timeout(3600)]
@@ -94,97 +93,6 @@ def test_the_ray_pods_serve_through_haproxy(kind_cluster: KindCluster, ready_end
         assert "\nhttp_frontend,FRONTEND," in csv, f"{kind}: {csv[:1500]}"
     replicas = [line.split(",") for line in stats["worker"].splitlines() if "LLMServer" in line]
     assert replicas and all(fields[17] == "UP" for fields in replicas), stats["worker"][:3000]
-
-
-OUTSIDER_NAMESPACE = "outsider"
-# Run in a pod of another namespace: which of the given host:port targets accept a TCP connection.
-CONNECT_PROBE = """
-import json, socket, sys
-seen = {}
-for target in sys.argv[1:]:
-    host, port = target.rsplit(":", 1)
-    try:
-        socket.create_connection((host, int(port)), timeout=3).close()
-        seen[target] = "open"
-    except OSError as error:
-        seen[target] = type(error).__name__
-print(json.dumps(seen))
-"""
-
-
-@pytest.fixture(scope="module")
-def outsider_pod(kind_cluster: KindCluster, images: Images) -> Iterator[str]:
-    """A pod in a namespace of its own, as any other tenant of the cluster would run one."""
-    manifest = f"""
-apiVersion: v1
-kind: Namespace
-metadata: {{name: {OUTSIDER_NAMESPACE}}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: outsider, namespace: {OUTSIDER_NAMESPACE}}}
-spec:
-  securityContext: {{runAsNonRoot: true, runAsUser: 1000, seccompProfile: {{type: RuntimeDefault}}}}
-  containers:
-    - name: probe
-      image: {images.llmep}
-      imagePullPolicy: Never
-      command: [sleep, infinity]
-      securityContext: {{allowPrivilegeEscalation: false, capabilities: {{drop: [ALL]}}}}
-"""
-    kind_cluster.kubectl("apply", "-f", "-", input=manifest)
-    kind_cluster.kubectl("wait", "-n", OUTSIDER_NAMESPACE, "--for=condition=Ready", "pod/outsider", "--timeout=300s")
-    yield "outsider"
-    kind_cluster.kubectl("delete", "namespace", OUTSIDER_NAMESPACE, "--wait=false")
-
-
-def connect_from_outsider(cluster: KindCluster, *targets: str) -> dict[str, str]:
-    out = cluster.kubectl("exec", "-n", OUTSIDER_NAMESPACE, "outsider", "--", "python", "-c", CONNECT_PROBE, *targets)
-    return json.loads(out)
-
-
-def test_another_namespace_reaches_the_gateway_but_not_the_ray_pods(
-    kind_cluster: KindCluster, ready_endpoint: dict, llmep_release: str, outsider_pod: str
-):
-    """The endpoint's NetworkPolicy, enforced (kube-network-policies on kind): a pod of another
-    namespace reaches the gateway, never the Serve port or Ray's dashboard (its job API runs code)
-    and GCS, until the endpoint names that namespace in spec.access.allowedNamespaces."""
-    policy = json.loads(kind_cluster.kubectl("get", "networkpolicy", "tiny-ray", "-n", APP_NAMESPACE, "-o", "json"))
-    assert policy["spec"]["podSelector"] == {"matchLabels": {"llmep.io/endpoint": "tiny"}}, policy["spec"]
-    head = json.loads(
-        kind_cluster.kubectl(
-            "get", "pods", "-n", APP_NAMESPACE, "-l", "llmep.io/endpoint=tiny,ray.io/node-type=head", "-o", "json"
-        )
-    )["items"][0]["status"]["podIP"]
-    gateway = f"llmep-gateway.{llmep_release}.svc.cluster.local:80"
-    serve = f"tiny-serve.{APP_NAMESPACE}.svc.cluster.local:8000"
-    ray_ports = [f"{head}:8265", f"{head}:6379"]
-    seen = connect_from_outsider(kind_cluster, gateway, serve, f"{head}:8000", *ray_ports)
-    print(f"\n[e2e] from namespace {OUTSIDER_NAMESPACE}: {seen}")
-    assert seen[gateway] == "open", seen
-    assert all(seen[target] != "open" for target in (serve, f"{head}:8000", *ray_ports)), seen
-
-    def access(namespaces: list[str]) -> None:
-        patch = json.dumps({"spec": {"access": {"allowedNamespaces": namespaces}}})
-        kind_cluster.kubectl("patch", "llmendpoint", "tiny", "-n", APP_NAMESPACE, "--type=merge", "-p", patch)
-
-    def serve_port_open() -> dict[str, str] | None:
-        seen = connect_from_outsider(kind_cluster, serve, *ray_ports)
-        return seen if seen[serve] == "open" else None
-
-    access([OUTSIDER_NAMESPACE])
-    try:
-        allowed = wait_for("the Serve port to open to the allowed namespace", serve_port_open, timeout=120, interval=3)
-        print(f"[e2e] with spec.access.allowedNamespaces [{OUTSIDER_NAMESPACE}]: {allowed}")
-        assert all(allowed[target] != "open" for target in ray_ports), allowed
-    finally:
-        access([])
-    wait_for(
-        "the Serve port to close again",
-        lambda: connect_from_outsider(kind_cluster, serve)[serve] != "open",
-        timeout=120,
-        interval=3,
-    )
 
 
 def test_openai_sdk_through_the_gateway(ready_endpoint: dict, gateway_url: str, api_key: str):

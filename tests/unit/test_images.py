@@ -16,10 +16,7 @@ from tests.conftest import REPO_ROOT
 
 DOCKERFILES = sorted((REPO_ROOT / "images").glob("*/Dockerfile"))
 # Built from a folder holding the binary of the rig's build, not from the repository root.
-BINARY_CONTEXT = {"kuberay-operator", "kube-network-policies"}
-# Node agents that program the node's netfilter: they run as root and privileged, as upstream's
-# DaemonSet runs them (kube-network-policies), and only on the test rig's kind clusters.
-NODE_AGENTS = {"kube-network-policies"}
+BINARY_CONTEXT = {"kuberay-operator"}
 RUNTIME_LOCK = REPO_ROOT / "requirements" / "runtime.lock"
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!_-]+)$")
 
@@ -49,16 +46,14 @@ def pins(path: Path) -> dict[str, str]:
 
 
 def test_every_image_has_a_dockerfile():
-    assert {p.parent.name for p in DOCKERFILES} == {"llmep", "serving-cpu", "kuberay-operator", "kube-network-policies"}
+    assert {p.parent.name for p in DOCKERFILES} == {"llmep", "serving-cpu", "kuberay-operator"}
 
 
 def build_args(dockerfile: Path) -> dict[str, str]:
     return dict(arg.split("=", 1) for word, arg in instructions(dockerfile) if word == "ARG" and "=" in arg)
 
 
-@pytest.mark.parametrize(
-    "dockerfile", [d for d in DOCKERFILES if d.parent.name not in NODE_AGENTS], ids=lambda p: p.parent.name
-)
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
 def test_final_user_is_numeric_and_not_root(dockerfile):
     users = [arg for word, arg in instructions(dockerfile) if word == "USER"]
     assert users, f"{dockerfile} never sets USER: the image would run as root"
