@@ -6,6 +6,7 @@ Run with `kopf run -m llmep_operator.handlers` (or `llmep operator`).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -27,17 +28,35 @@ _kube: Kube | None = None
 _known: dict[tuple[str, str], dict] = {}
 log = logging.getLogger(__name__)
 # Answers that mean the API server is restarting or overloaded, or that other status writers
-# kept winning (409): retry soon, without a traceback.
+# kept winning (409): retry soon, without a traceback. A restarting API server also answers
+# 401/403 until its token and RBAC caches have synced (kopf retries 403 for the same reason);
+# a lasting 401/403 is a missing permission, retried slowly with the server's message logged.
 _TRANSIENT_STATUS = {409, 429, 500, 502, 503, 504}
+_DENIED_STATUS = {401, 403}
 
 
 def _transient(error: Exception) -> str | None:
-    """A one-line reason when `error` is the API server being unreachable for now, else None."""
+    """A one-line reason when `error` may pass once the API server is back, else None."""
     if isinstance(error, urllib3.exceptions.HTTPError):  # refused, reset, timed out
         return f"API server unreachable: {type(error).__name__}"
     if isinstance(error, ApiException) and error.status in _TRANSIENT_STATUS:
         return f"API server answered {error.status} {error.reason}"
+    if isinstance(error, ApiException) and error.status in _DENIED_STATUS:
+        return f"API server answered {error.status} {error.reason}: {_server_message(error)}"
     return None
+
+
+def _retry_delay(error: Exception) -> float:
+    """Seconds before a retry: soon for an API server that is away, slowly for a refusal."""
+    return 30.0 if isinstance(error, ApiException) and error.status in _DENIED_STATUS else 5.0
+
+
+def _server_message(error: ApiException) -> str:
+    """The Status message the API server gave (it names the verb and resource refused)."""
+    try:
+        return str(json.loads(error.body or "{}").get("message") or error.reason)
+    except (ValueError, AttributeError):
+        return str(error.reason)
 
 
 def kube() -> Kube:
@@ -80,7 +99,7 @@ def _reconcile(body: kopf.Body) -> None:
         reason = _transient(error)
         if reason is None:
             raise
-        raise kopf.TemporaryError(reason, delay=5) from None
+        raise kopf.TemporaryError(reason, delay=_retry_delay(error)) from None
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -125,9 +144,12 @@ def _correct_drift(body: dict) -> None:
         reconcile(body, kube(), SETTINGS)
     except (InvalidSpec, NotYet) as error:
         log.debug("drift check of %s/%s: %s", meta["namespace"], meta["name"], error)
-    except ApiException as error:  # the next period tries again; nothing is half-applied by SSA
-        log.warning("drift check of %s/%s failed: %s %s", meta["namespace"], meta["name"], error.status, error.reason)
-    except urllib3.exceptions.HTTPError as error:  # uncaught, it would end the drift loop for good
+    # The next period tries again (nothing is half-applied by SSA); uncaught, an error would end
+    # the drift loop for good.
+    except ApiException as error:
+        reason = f"API server answered {error.status} {error.reason}: {_server_message(error)}"
+        log.warning("drift check of %s/%s failed: %s", meta["namespace"], meta["name"], reason)
+    except urllib3.exceptions.HTTPError as error:
         log.warning("drift check of %s/%s failed: %s", meta["namespace"], meta["name"], _transient(error))
 
 

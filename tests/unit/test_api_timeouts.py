@@ -6,7 +6,10 @@ handshake and then nothing comes back, which is what a dropped connection looks 
 
 from __future__ import annotations
 
+import http.server
+import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -93,3 +96,50 @@ def test_kopf_watches_and_requests_are_bounded_by_the_settings(monkeypatch):
     # The client gives up on a watch shortly after the server would have ended it.
     assert settings.watching.client_timeout == 140
     assert settings.watching.inactivity_timeout == 70
+
+
+@pytest.fixture
+def forbidding_server() -> Iterator[str]:
+    """Answers every request 403 with a Status body, as a restarting kube-apiserver does until
+    its RBAC caches have synced (and as it does for good when a permission is missing)."""
+    message = (
+        'rayservices.ray.io "qwen" is forbidden: User "system:serviceaccount:llmep-system:llmep-operator" '
+        'cannot patch resource "rayservices"'
+    )
+
+    class Forbidding(http.server.BaseHTTPRequestHandler):
+        def _refuse(self) -> None:
+            status = {"kind": "Status", "status": "Failure", "message": message, "reason": "Forbidden", "code": 403}
+            body = json.dumps(status)
+            self.send_response(403)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        do_GET = do_PATCH = do_POST = _refuse
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forbidding)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_refusal_is_retried_slowly_with_the_servers_message_and_no_traceback(forbidding_server, monkeypatch):
+    kube = Kube("llmep-operator", BoundedApiClient(_configuration(forbidding_server), ApiTimeouts()))
+    monkeypatch.setattr(handlers, "_kube", kube)
+    body = kopf.Body({
+        "apiVersion": "llmep.io/v1alpha1", "kind": "LLMEndpoint",
+        "metadata": {"name": "qwen", "namespace": "team-a", "generation": 1, "resourceVersion": "1", "uid": "u"},
+        "spec": {"model": {"source": "hf://Qwen/Qwen2.5-7B-Instruct"}},
+    })  # fmt: skip
+    with pytest.raises(kopf.TemporaryError) as raised:
+        handlers._reconcile(body)
+    assert raised.value.delay == 30
+    assert str(raised.value).startswith("API server answered 403 Forbidden: rayservices.ray.io \"qwen\" is forbidden")
+    assert "cannot patch resource \"rayservices\"" in str(raised.value)
