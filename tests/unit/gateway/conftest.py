@@ -36,6 +36,8 @@ class FakeBackend:
     answer_bytes: int = 0  # pad a non-streaming answer's content to this many bytes
     disconnects: int = 0  # streams whose client went away before the end
     gate: asyncio.Event | None = None  # non-streaming answers wait until the test sets it
+    chunk_gate: asyncio.Semaphore | None = None  # each stream chunk after the first waits for a release
+    chunks_sent: int = 0  # stream chunks written so far, over all streams
     requests: list[dict[str, Any]] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
@@ -96,6 +98,8 @@ class FakeBackend:
                 return resp
             if i and self.chunk_delay:
                 await asyncio.sleep(self.chunk_delay)
+            if i and self.chunk_gate is not None:
+                await self.chunk_gate.acquire()
             chunk = {
                 "id": "chatcmpl-1",
                 "object": "chat.completion.chunk",
@@ -108,6 +112,7 @@ class FakeBackend:
             except ConnectionError:
                 self.disconnects += 1  # the gateway dropped the stream: vLLM would abort the sequence
                 return resp
+            self.chunks_sent += 1
         final = {
             "id": "chatcmpl-1",
             "object": "chat.completion.chunk",
@@ -152,10 +157,27 @@ class RunningGateway:
         await asyncio.wait_for(changed.wait(), 5)
 
     async def set_keys(self, keys: list[dict[str, Any]]) -> None:
-        """Rewrite the keys file and give the gateway a few polls to load it."""
+        """Rewrite the keys file and wait until the gateway has loaded it.
+
+        Loaded: it holds as many keys as the file and knows each plain ``key`` by its name.
+        """
         assert self.keys_file is not None
         write_yaml(self.keys_file, keys)
-        await asyncio.sleep(0.2)
+        store = self.server.keys
+
+        def loaded() -> bool:
+            if len(store) != len(keys):
+                return False
+            for entry in keys:
+                if "key" in entry:
+                    found = store.authenticate(f"Bearer {entry['key']}")
+                    if found is None or found.name != entry["name"]:
+                        return False
+            return True
+
+        async with asyncio.timeout(5):
+            while not loaded():
+                await asyncio.sleep(0.01)
 
 
 def write_yaml(path: Path, data: Any) -> None:

@@ -8,7 +8,6 @@ Ray Serve + vLLM path is covered in tests/serving.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import openai
@@ -99,22 +98,25 @@ async def test_models_lists_every_name_from_every_backend(backend_factory, gatew
 async def test_stream_chunks_arrive_separately_as_the_backend_sends_them(
     backend_factory, gateway_factory
 ):
-    backend = await backend_factory("slow", chunks=4, chunk_delay=0.05)
+    # The backend sends each chunk only once the client holds the one before: a gateway that
+    # buffered or merged chunks would never deliver it, and the read runs into the deadline.
+    backend = await backend_factory("stepped", chunks=4, chunk_gate=asyncio.Semaphore(0))
     gw = await gateway_factory([{"models": ["m"], "url": backend.url, "ready": True}])
 
     stream = await client(gw.url).chat.completions.create(
         model="m", messages=[{"role": "user", "content": "hi"}], stream=True
     )
-    arrivals, texts = [], []
-    async for chunk in stream:
-        arrivals.append(time.monotonic())
-        if chunk.choices:
-            texts.append(chunk.choices[0].delta.content)
+    texts, sent_when_read = [], []
+    async with asyncio.timeout(10):
+        async for chunk in stream:
+            if chunk.choices:
+                texts.append(chunk.choices[0].delta.content)
+                sent_when_read.append(backend.chunks_sent)
+                backend.chunk_gate.release()
 
     assert texts == ["0 ", "1 ", "2 ", "3 "]
-    gaps = [b - a for a, b in zip(arrivals[:4], arrivals[1:4], strict=False)]
-    # Each chunk reached the client about 50 ms after the previous one: none were merged.
-    assert all(gap > 0.03 for gap in gaps), gaps
+    # Each chunk reached the client while the backend was still holding the next one.
+    assert sent_when_read == [1, 2, 3, 4]
 
 
 async def test_backend_dying_mid_stream_ends_the_stream_with_an_error_event(
@@ -236,15 +238,29 @@ async def test_routing_table_changes_apply_without_restart(backend_factory, gate
     assert added.choices[0].message.content == "from backend-a"
 
 
-async def test_an_invalid_routes_file_keeps_the_last_good_table(backend_factory, gateway_factory):
+async def until(predicate, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def test_an_invalid_routes_file_keeps_the_last_good_table(
+    backend_factory, gateway_factory, caplog
+):
     a = await backend_factory("backend-a")
     gw = await gateway_factory([{"models": ["m"], "url": a.url, "ready": True}])
+    bad = gw.routes_file.with_suffix(".bad")
+    bad.write_text("- models: [unclosed\n")
+    bad.replace(gw.routes_file)  # atomic, like a ConfigMap update
 
-    gw.routes_file.write_text("- models: [unclosed\n")
-    await asyncio.sleep(0.2)
+    rejected = f"routes file {gw.routes_file} is invalid, keeping the last good one"
+    await until(lambda: any(rejected in r.getMessage() for r in caplog.records))
     reply = await client(gw.url).chat.completions.create(model="m", messages=[])
 
     assert reply.choices[0].message.content == "from backend-a"
+    [logged] = [r for r in caplog.records if rejected in r.getMessage()]
+    assert logged.levelname == "ERROR"
+    assert "not valid YAML or JSON at line" in logged.getMessage()
 
 
 # -- auth ------------------------------------------------------------------------------
