@@ -7,16 +7,14 @@ call waits forever on a dead connection (settings.api_timeouts, here shortened).
 from __future__ import annotations
 
 import contextlib
-import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.cluster.conftest import Cluster, run_kopf_as, wait_until
 from tests.cluster.operator_identity import operator_identity
+from tests.reliability.blackhole import BlackholeProxy, through, upstream
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(300)]
 
@@ -27,70 +25,6 @@ GROUP, VERSION, PLURAL = "llmep.io", "v1alpha1", "llmendpoints"
 # After the heal: a dead watch is noticed within its inactivity bound, a dead call within the
 # request bound, then kopf's retry (5 s) runs on a new connection.
 CATCH_UP_SECONDS = 40
-
-
-class BlackholeProxy:
-    """TCP proxy to the API server. blackhole(): every connection open now, and every one made
-    until heal(), is read and discarded, never answered, never closed."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._dead: set[int] = set()  # ids of connections blackholed for good
-        self._blackholed = False
-        self._sockets: list[socket.socket] = []
-        self.discarded = 0  # chunks from the operator dropped in the outage
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def blackhole(self) -> None:
-        self._blackholed = True
-        self._dead.update(id(s) for s in self._sockets)
-
-    def heal(self) -> None:
-        self._blackholed = False
-
-    def close(self) -> None:
-        self._listener.close()
-        for sock in self._sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                client, _ = self._listener.accept()
-                self._sockets.append(client)
-                if self._blackholed:
-                    self._dead.add(id(client))
-                upstream = socket.create_connection(self.upstream)
-                self._sockets.append(upstream)
-                for source, target in ((client, upstream), (upstream, client)):
-                    threading.Thread(target=self._pump, args=(client, source, target), daemon=True).start()
-
-    def _pump(self, client: socket.socket, source: socket.socket, target: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                if id(client) not in self._dead:
-                    target.sendall(data)
-                elif source is client:
-                    self.discarded += 1
-            target.shutdown(socket.SHUT_WR)
-
-
-def _through(cluster: Cluster, proxy: BlackholeProxy, path: Path) -> Cluster:
-    """The same cluster, reached through the proxy (the API server's certificate names 127.0.0.1)."""
-    config = yaml.safe_load(cluster.kubeconfig.read_text())
-    for entry in config["clusters"]:
-        entry["cluster"]["server"] = f"https://127.0.0.1:{proxy.port}"
-    path.write_text(yaml.safe_dump(config))
-    return Cluster(path, None, cluster.bin_dir)
-
-
-def _upstream(cluster: Cluster) -> tuple[str, int]:
-    host = cluster.api.configuration.host.removeprefix("https://")
-    name, port = host.rsplit(":", 1)
-    return name, int(port)
 
 
 def _endpoint(name: str, max_model_len: int) -> dict:
@@ -122,8 +56,8 @@ def test_a_spec_change_made_while_the_api_server_was_blackholed_is_reconciled_af
     monkeypatch.setenv("LLMEP_API_TIMEOUTS__CONNECT_SECONDS", "3")
     monkeypatch.setenv("LLMEP_API_TIMEOUTS__WATCH_INACTIVITY_SECONDS", "5")
     monkeypatch.setenv("LLMEP_DRIFT_CHECK_SECONDS", "2")  # the drift loop is on a pooled connection too
-    proxy = BlackholeProxy(_upstream(cluster))
-    proxied = _through(cluster, proxy, tmp_path / "kubeconfig")
+    proxy = BlackholeProxy(upstream(cluster))
+    proxied = through(cluster, proxy, tmp_path / "kubeconfig")
     name = "steady"
     try:
         with run_kopf_as(proxied, account, namespace, paths=(HANDLERS,), watch_namespaces=(namespace,)) as runner:
