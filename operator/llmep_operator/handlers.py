@@ -27,32 +27,26 @@ _kube: Kube | None = None
 # would do the same but forces a finalizer, which blocks deletion whenever the operator is down.
 _known: dict[tuple[str, str], dict] = {}
 log = logging.getLogger(__name__)
-# Answers that mean the API server is restarting or overloaded, or that other status writers
-# kept winning (409): retry soon, without a traceback. A restarting API server also answers
-# 401/403 until its token and RBAC caches have synced (kopf retries 403 for the same reason);
-# a lasting 401/403 is a missing permission, retried slowly with the server's message logged.
+# Answers that mean the API server is away, restarting or overloaded, or that other status
+# writers kept winning (409): retried soon. Every other answer is retried slowly, as any
+# controller requeues: a restarting API server also answers 401/403 until its token and RBAC
+# caches sync and 422 while its own loopback (Service IP allocation) is not up; for good, they
+# mean a missing permission or an object the API refuses, which the server's message names.
 _TRANSIENT_STATUS = {409, 429, 500, 502, 503, 504}
-_DENIED_STATUS = {401, 403}
+ApiError = (ApiException, urllib3.exceptions.HTTPError)
 
 
-def _transient(error: Exception) -> str | None:
-    """A one-line reason when `error` may pass once the API server is back, else None."""
+def _api_failure(error: ApiException | urllib3.exceptions.HTTPError) -> tuple[str, float]:
+    """A one-line reason (never a traceback) and the seconds to wait before trying again."""
     if isinstance(error, urllib3.exceptions.HTTPError):  # refused, reset, timed out
-        return f"API server unreachable: {type(error).__name__}"
-    if isinstance(error, ApiException) and error.status in _TRANSIENT_STATUS:
-        return f"API server answered {error.status} {error.reason}"
-    if isinstance(error, ApiException) and error.status in _DENIED_STATUS:
-        return f"API server answered {error.status} {error.reason}: {_server_message(error)}"
-    return None
-
-
-def _retry_delay(error: Exception) -> float:
-    """Seconds before a retry: soon for an API server that is away, slowly for a refusal."""
-    return 30.0 if isinstance(error, ApiException) and error.status in _DENIED_STATUS else 5.0
+        return f"API server unreachable: {type(error).__name__}", 5.0
+    if error.status in _TRANSIENT_STATUS:
+        return f"API server answered {error.status} {error.reason}", 5.0
+    return f"API server answered {error.status} {error.reason}: {_server_message(error)}", 30.0
 
 
 def _server_message(error: ApiException) -> str:
-    """The Status message the API server gave (it names the verb and resource refused)."""
+    """The Status message the API server gave (it names the field, verb or resource)."""
     try:
         return str(json.loads(error.body or "{}").get("message") or error.reason)
     except (ValueError, AttributeError):
@@ -95,11 +89,9 @@ def _reconcile(body: kopf.Body) -> None:
         raise kopf.PermanentError(str(error)) from None
     except NotYet as error:
         raise kopf.TemporaryError(str(error), delay=error.delay) from None
-    except (ApiException, urllib3.exceptions.HTTPError) as error:
-        reason = _transient(error)
-        if reason is None:
-            raise
-        raise kopf.TemporaryError(reason, delay=_retry_delay(error)) from None
+    except ApiError as error:
+        reason, delay = _api_failure(error)
+        raise kopf.TemporaryError(reason, delay=delay) from None
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -144,13 +136,8 @@ def _correct_drift(body: dict) -> None:
         reconcile(body, kube(), SETTINGS)
     except (InvalidSpec, NotYet) as error:
         log.debug("drift check of %s/%s: %s", meta["namespace"], meta["name"], error)
-    # The next period tries again (nothing is half-applied by SSA); uncaught, an error would end
-    # the drift loop for good.
-    except ApiException as error:
-        reason = f"API server answered {error.status} {error.reason}: {_server_message(error)}"
-        log.warning("drift check of %s/%s failed: %s", meta["namespace"], meta["name"], reason)
-    except urllib3.exceptions.HTTPError as error:
-        log.warning("drift check of %s/%s failed: %s", meta["namespace"], meta["name"], _transient(error))
+    except ApiError as error:  # the next period tries again; nothing is half-applied by SSA
+        log.warning("drift check of %s/%s failed: %s", meta["namespace"], meta["name"], _api_failure(error)[0])
 
 
 @kopf.on.event("ray.io", "v1", "rayservices", labels={naming.ENDPOINT_LABEL: kopf.PRESENT})
@@ -162,27 +149,24 @@ def child_changed(event: dict, labels: dict, namespace: str, **_: Any) -> None:
             _resync(namespace, labels[naming.ENDPOINT_LABEL])
             return
         refresh_status(kube(), SETTINGS, namespace, labels[naming.ENDPOINT_LABEL])
-    except (ApiException, urllib3.exceptions.HTTPError) as error:
-        _skip_if_transient(error, namespace, labels[naming.ENDPOINT_LABEL])
+    except ApiError as error:
+        _skip(error, namespace, labels[naming.ENDPOINT_LABEL])
 
 
 @kopf.on.event("", "v1", "pods", labels={naming.ENDPOINT_LABEL: kopf.PRESENT})
 def pod_changed(labels: dict, namespace: str, **_: Any) -> None:
     try:
         refresh_status(kube(), SETTINGS, namespace, labels[naming.ENDPOINT_LABEL])
-    except (ApiException, urllib3.exceptions.HTTPError) as error:
-        _skip_if_transient(error, namespace, labels[naming.ENDPOINT_LABEL])
+    except ApiError as error:
+        _skip(error, namespace, labels[naming.ENDPOINT_LABEL])
 
 
-def _skip_if_transient(error: Exception, namespace: str, name: str) -> None:
+def _skip(error: ApiException | urllib3.exceptions.HTTPError, namespace: str, name: str) -> None:
     """Events are not retried; the drift loop catches up once the API server is back."""
     if isinstance(error, ApiException) and error.status == 404:  # the endpoint went in between
         log.debug("status of %s/%s not refreshed: the endpoint is gone", namespace, name)
         return
-    reason = _transient(error)
-    if reason is None:
-        raise error
-    log.warning("status of %s/%s not refreshed: %s", namespace, name, reason)
+    log.warning("status of %s/%s not refreshed: %s", namespace, name, _api_failure(error)[0])
 
 
 def _resync(namespace: str, name: str) -> None:

@@ -59,7 +59,7 @@ def test_every_kube_call_gives_up_on_a_silent_api_server_within_its_bound(silent
             call()
         assert time.monotonic() - started < 3, f"{name} waited past its bound"
         # The handlers retry it (kopf.TemporaryError), with a one-line reason and no traceback.
-        assert handlers._transient(raised.value) == "API server unreachable: ReadTimeoutError"
+        assert handlers._api_failure(raised.value) == ("API server unreachable: ReadTimeoutError", 5.0)
 
 
 def test_an_event_on_a_silent_api_server_is_given_up_not_waited_for(silent_server):
@@ -98,20 +98,32 @@ def test_kopf_watches_and_requests_are_bounded_by_the_settings(monkeypatch):
     assert settings.watching.inactivity_timeout == 70
 
 
-@pytest.fixture
-def forbidding_server() -> Iterator[str]:
-    """Answers every request 403 with a Status body, as a restarting kube-apiserver does until
-    its RBAC caches have synced (and as it does for good when a permission is missing)."""
-    message = (
+# What kube-apiserver answers when it refuses: until its RBAC caches sync after a restart (and for
+# good when a permission is missing) 403; while its own loopback is not up yet, 422 for a Service
+# whose cluster IP it cannot allocate (seen on the rig right after a restart).
+REFUSALS = {
+    403: (
+        "Forbidden",
         'rayservices.ray.io "qwen" is forbidden: User "system:serviceaccount:llmep-system:llmep-operator" '
-        'cannot patch resource "rayservices"'
-    )
+        'cannot patch resource "rayservices"',
+    ),
+    422: (
+        "Unprocessable Entity",
+        'Service "qwen-serve" is invalid: spec.clusterIPs: Invalid value: [""]: failed to allocate IP',
+    ),
+}
 
-    class Forbidding(http.server.BaseHTTPRequestHandler):
+
+@pytest.fixture(params=sorted(REFUSALS))
+def refusing_server(request) -> Iterator[tuple[int, str]]:
+    code = request.param
+    reason, message = REFUSALS[code]
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
         def _refuse(self) -> None:
-            status = {"kind": "Status", "status": "Failure", "message": message, "reason": "Forbidden", "code": 403}
+            status = {"kind": "Status", "status": "Failure", "message": message, "reason": reason, "code": code}
             body = json.dumps(status)
-            self.send_response(403)
+            self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -122,16 +134,17 @@ def forbidding_server() -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forbidding)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    yield f"http://127.0.0.1:{server.server_address[1]}", f"API server answered {code} {reason}: {message}"
     server.shutdown()
     server.server_close()
 
 
-def test_a_refusal_is_retried_slowly_with_the_servers_message_and_no_traceback(forbidding_server, monkeypatch):
-    kube = Kube("llmep-operator", BoundedApiClient(_configuration(forbidding_server), ApiTimeouts()))
+def test_a_refusal_is_retried_slowly_with_the_servers_message_and_no_traceback(refusing_server, monkeypatch):
+    url, expected = refusing_server
+    kube = Kube("llmep-operator", BoundedApiClient(_configuration(url), ApiTimeouts()))
     monkeypatch.setattr(handlers, "_kube", kube)
     body = kopf.Body({
         "apiVersion": "llmep.io/v1alpha1", "kind": "LLMEndpoint",
@@ -140,6 +153,4 @@ def test_a_refusal_is_retried_slowly_with_the_servers_message_and_no_traceback(f
     })  # fmt: skip
     with pytest.raises(kopf.TemporaryError) as raised:
         handlers._reconcile(body)
-    assert raised.value.delay == 30
-    assert str(raised.value).startswith("API server answered 403 Forbidden: rayservices.ray.io \"qwen\" is forbidden")
-    assert "cannot patch resource \"rayservices\"" in str(raised.value)
+    assert (str(raised.value), raised.value.delay) == (expected, 30)
