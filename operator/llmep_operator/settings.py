@@ -290,9 +290,6 @@ class OperatorSettings(BaseSettings):
     gateway_service: str = Field(default="llmep-gateway", description="Service name of the gateway.")
     field_manager: str = Field(default="llmep-operator", description="Server-side apply field manager.")
     drift_check_seconds: float = Field(default=60.0, gt=0, description="How often children are re-applied.")
-    status_poll_seconds: float = Field(
-        default=10.0, gt=0, description="How often status is refreshed while not Serving."
-    )
     api_timeouts: ApiTimeouts = Field(
         default_factory=ApiTimeouts, description="Client-side timeouts of API calls and watches."
     )
