@@ -38,6 +38,9 @@ LOOPBACK = "127.0.0.1"
 _PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 # Seconds a process is given to exit on SIGTERM before SIGKILL (Ray's agents ignore SIGTERM).
 _STOP_GRACE_S = 10.0
+# The local gateway's shutdown, unless the caller's environment sets them: nothing balances over
+# it, so no drain; requests still in flight get 10 s, then streams end with an SSE error event.
+_GATEWAY_SHUTDOWN_DEFAULTS = {"LLMEP_GATEWAY_DRAIN_SECONDS": "0", "LLMEP_GATEWAY_SHUTDOWN_GRACE_SECONDS": "10"}
 
 SNIPPET = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
@@ -158,7 +161,9 @@ def _adopt_orphans() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def _stop_everything_started(gateway: subprocess.Popen | None, local: LocalServe | None) -> None:
+def _stop_everything_started(
+    gateway: subprocess.Popen | None, local: LocalServe | None, gateway_grace_s: float = _STOP_GRACE_S
+) -> None:
     """The gateway, then the Ray cluster, then whatever of theirs is left: nothing survives."""
     import psutil  # ships with Ray and vLLM
 
@@ -168,7 +173,7 @@ def _stop_everything_started(gateway: subprocess.Popen | None, local: LocalServe
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if gateway and gateway.poll() is None:
-        stop_processes([psutil.Process(gateway.pid)], _STOP_GRACE_S)
+        stop_processes([psutil.Process(gateway.pid)], gateway_grace_s)
         gateway.wait()
     if local is not None:
         local.stop()
@@ -205,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
     if endpoint.spec.model.source.startswith("file://"):
         env["HF_HUB_OFFLINE"] = "1"
     gateway = None
+    gateway_grace_s = _STOP_GRACE_S
     local = None
     with tempfile.TemporaryDirectory(prefix="llmep-serve-") as tmp:
         try:
@@ -220,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
             routes = Path(tmp) / "routes.yaml"
             routes.write_text(yaml.safe_dump([{"models": endpoint.model_ids, "url": local.base_url, "ready": True}]))
             gateway_env = {
+                **_GATEWAY_SHUTDOWN_DEFAULTS,
                 **os.environ,
                 "LLMEP_GATEWAY_HOST": args.host,
                 "LLMEP_GATEWAY_PORT": str(args.port),
@@ -233,6 +240,8 @@ def run(args: argparse.Namespace) -> int:
             else:
                 gateway_env["LLMEP_GATEWAY_ANONYMOUS"] = "true"
             gateway = subprocess.Popen([sys.executable, "-m", "llmep_serving.cli", "gateway"], env=gateway_env)
+            # SIGKILL only once the gateway's own drain and grace are over, never mid-cut.
+            gateway_grace_s = sum(float(gateway_env[k]) for k in _GATEWAY_SHUTDOWN_DEFAULTS) + _STOP_GRACE_S
             _wait_for_gateway(f"http://{args.host}:{args.port}/healthz", gateway)
             base_url = f"http://{args.host}:{args.port}/v1"
             print(
@@ -255,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"llmep serve: {error}", file=sys.stderr)
             return 1
         finally:
-            _stop_everything_started(gateway, local)
+            _stop_everything_started(gateway, local, gateway_grace_s)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
