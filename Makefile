@@ -46,7 +46,7 @@ lint: ## ruff and import-linter (operator and gateway never import ray or vllm)
 	$(VENV)/bin/ruff check operator serving tests bench
 	$(VENV)/bin/lint-imports
 
-test: check-crds ## every tier that can run here; fails if a tier collected nothing
+test: check-crds lint ## lint, then every tier that can run here; fails if a tier collected nothing
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-unit: ## unit tier only
