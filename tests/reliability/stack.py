@@ -4,6 +4,7 @@ and its logs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -87,16 +88,34 @@ class Proc:
 
     def vm_hwm_kib(self) -> int:
         """Peak resident set size (VmHWM) of the running process, in KiB."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmHWM in /proc status")
+        return _status_kib(self.pid, "VmHWM")
 
     def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS in /proc status")
+        return _status_kib(self.pid, "VmRSS")
+
+    def workers(self) -> list[Worker]:
+        """The multiprocessing workers it spawned (the gateway's body parser), not their helpers."""
+        found = []
+        for pid in Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split():
+            with contextlib.suppress(FileNotFoundError):  # exited meanwhile
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(Worker(int(pid)))
+        return found
+
+
+@dataclass(frozen=True)
+class Worker:
+    pid: int
+
+    def vm_hwm_kib(self) -> int:
+        return _status_kib(self.pid, "VmHWM")
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
 def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Proc:

@@ -129,11 +129,16 @@ async def test_200_concurrent_8_mib_bodies_stay_within_the_body_budget(tmp_path,
     try:
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         body = json.dumps({"model": "chat", "messages": [{"role": "user", "content": "x" * (8 * MIB - 100)}]}).encode()
-        base = gateway.vm_hwm_kib() / 1024
         answers: list[tuple[int, dict, str | None]] = []
-        started = time.monotonic()
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=150)) as session:
+            # One body at offload_parse_bytes (256 KiB) starts the parser process: its idle size.
+            warm = {"model": "chat", "messages": [{"role": "user", "content": "x" * 256 * 1024}]}
+            async with session.post(url, json=warm, headers={"Authorization": "Bearer sk-0"}) as resp:
+                assert resp.status == 200, await resp.text()
+            (parser,) = gateway.workers()
+            base, parser_base = gateway.vm_hwm_kib() / 1024, parser.vm_hwm_kib() / 1024
+            started = time.monotonic()
 
             async def one(i: int) -> None:
                 headers = {"Content-Type": "application/json", "Authorization": f"Bearer sk-{i % keys}"}
@@ -141,7 +146,7 @@ async def test_200_concurrent_8_mib_bodies_stay_within_the_body_budget(tmp_path,
                     answers.append((resp.status, await resp.json(), resp.headers.get("Retry-After")))
 
             await asyncio.gather(*(one(i) for i in range(200)))
-        peak = gateway.vm_hwm_kib() / 1024
+        peak, parser_peak = gateway.vm_hwm_kib() / 1024, parser.vm_hwm_kib() / 1024
     finally:
         gateway.terminate(10)
         backend.terminate(10)
@@ -152,10 +157,14 @@ async def test_200_concurrent_8_mib_bodies_stay_within_the_body_budget(tmp_path,
     # filled before a refused body is drained), and 32 MiB for one body joined from its chunks and
     # two pickled for the parser process.
     bound = base + 2 * BUDGET / MIB + 200 * 0.5 + 32
+    # The parser process parses one body at a time: the pickled bytes, the decoded text, the
+    # parsed JSON and the rewritten body, 4 x 8 MiB, plus 8 MiB of allocator slack.
+    parser_bound = parser_base + 4 * 8 + 8
     print(
         f"\n200 concurrent 8 MiB bodies from {keys} key(s) in {time.monotonic() - started:.1f}s: {len(ok)} x 200, "
         f"{len(refused)} x 429; gateway VmHWM {base:.0f} MiB idle -> {peak:.0f} MiB peak "
-        f"(bound {bound:.0f} MiB from a {BUDGET // MIB} MiB budget; 1600 MiB sent)"
+        f"(bound {bound:.0f} MiB from a {BUDGET // MIB} MiB budget; 1600 MiB sent); parser process "
+        f"{parser_base:.0f} -> {parser_peak:.0f} MiB (bound {parser_bound:.0f} MiB)"
     )
     assert len(answers) == 200
     assert ok and all(a[1]["choices"] == [] for a in ok)
@@ -174,3 +183,4 @@ async def test_200_concurrent_8_mib_bodies_stay_within_the_body_budget(tmp_path,
         for status, error, retry_after in refused
     ), refused[:2]
     assert peak < bound
+    assert parser_peak < parser_bound
