@@ -22,7 +22,7 @@ def _crd(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The operator's own subcommands: version, crd, operator."""
     version = commands.add_parser("version", help="print the llmep version")
     version.set_defaults(func=_version)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import urllib3
@@ -25,7 +25,7 @@ SETTINGS = OperatorSettings()
 _kube: Kube | None = None
 # The endpoints kopf's watch has seen, latest body each: the drift loop's worklist. A kopf timer
 # would do the same but forces a finalizer, which blocks deletion whenever the operator is down.
-_known: dict[tuple[str, str], dict] = {}
+_known: dict[tuple[str | None, str], dict[str, Any]] = {}
 log = logging.getLogger(__name__)
 # Answers that mean the API server is away, restarting or overloaded, or that other status
 # writers kept winning (409): retried soon. Every other answer is retried slowly, as any
@@ -102,7 +102,7 @@ def apply_endpoint(body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def track_endpoint(event: dict, body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
+def track_endpoint(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
     if event.get("type") == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
         _known.pop((namespace, name), None)
     else:
@@ -130,7 +130,7 @@ async def _correct_drift_forever() -> None:
                 await asyncio.to_thread(_correct_drift, body)
 
 
-def _correct_drift(body: dict) -> None:
+def _correct_drift(body: dict[str, Any]) -> None:
     meta = body["metadata"]
     try:
         reconcile(body, kube(), SETTINGS)
@@ -142,7 +142,8 @@ def _correct_drift(body: dict) -> None:
 
 @kopf.on.event("ray.io", "v1", "rayservices", labels={naming.ENDPOINT_LABEL: kopf.PRESENT})
 @kopf.on.event("", "v1", "services", labels={naming.ENDPOINT_LABEL: kopf.PRESENT})
-def child_changed(event: dict, labels: dict, namespace: str, **_: Any) -> None:
+def child_changed(event: kopf.RawEvent, labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
+    namespace = cast(str, namespace)  # namespaced kinds: kopf always passes the namespace
     try:
         if event.get("type") == "DELETED":
             # A deleted child is re-created now rather than at the next drift check.
@@ -154,7 +155,8 @@ def child_changed(event: dict, labels: dict, namespace: str, **_: Any) -> None:
 
 
 @kopf.on.event("", "v1", "pods", labels={naming.ENDPOINT_LABEL: kopf.PRESENT})
-def pod_changed(labels: dict, namespace: str, **_: Any) -> None:
+def pod_changed(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
+    namespace = cast(str, namespace)  # namespaced kinds: kopf always passes the namespace
     try:
         refresh_status(kube(), SETTINGS, namespace, labels[naming.ENDPOINT_LABEL])
     except ApiError as error:

@@ -6,7 +6,7 @@ import copy
 import logging
 import os
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -61,9 +61,9 @@ class BoundedApiClient(client.ApiClient):
         self,
         method: str,
         url: str,
-        header_params: dict | None = None,
+        header_params: dict[str, Any] | None = None,
         body: Any = None,
-        post_params: list | None = None,
+        post_params: list[Any] | None = None,
         _request_timeout: Any = None,
     ) -> Any:
         return super().call_api(method, url, header_params, body, post_params, _request_timeout or self.timeout)
@@ -88,9 +88,9 @@ class Kube:
         method: str,
         path: str,
         body: Any = None,
-        query: list | None = None,
+        query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
-    ) -> Any:
+    ) -> dict[str, Any]:
         request = self.api.param_serialize(
             method=method,
             resource_path=path,
@@ -102,7 +102,8 @@ class Kube:
         response = self.api.call_api(*request)
         response.read()
         # Raises ApiException for every non-2xx answer, with the server's message.
-        return self.api.response_deserialize(response, {"2XX": "object"}).data
+        # Every path above answers one JSON object (an object, a list of them, or a Status).
+        return cast(dict[str, Any], self.api.response_deserialize(response, {"2XX": "object"}).data)
 
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply under the operator's field manager; our fields win conflicts."""
@@ -128,7 +129,8 @@ class Kube:
     def pods_of(self, namespace: str, endpoint: str) -> list[dict[str, Any]]:
         selector = f"{naming.ENDPOINT_LABEL}={endpoint}"
         result = self._call("GET", f"/api/v1/namespaces/{namespace}/pods", query=[("labelSelector", selector)])
-        return result.get("items", [])
+        items: list[dict[str, Any]] = result.get("items", [])
+        return items
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any], resource_version: str) -> None:
         """Merge-patch status, only over `resource_version`: the API server answers 409 Conflict

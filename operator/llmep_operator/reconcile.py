@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 STATUS_WRITE_ATTEMPTS = 5
 
 
-def _observation(body: dict[str, Any], settings: OperatorSettings) -> tuple[Observation, list[dict] | None]:
+def _observation(body: dict[str, Any], settings: OperatorSettings) -> tuple[Observation, list[dict[str, Any]] | None]:
     """Parse and plan; an invalid spec becomes an observation, not an exception, so status is written."""
     meta = body["metadata"]
     generation = meta.get("generation", 0)
@@ -49,7 +49,9 @@ def _observation(body: dict[str, Any], settings: OperatorSettings) -> tuple[Obse
     return obs, children
 
 
-def _observe_cluster(kube: Kube, obs: Observation, namespace: str, name: str, rayservice: dict | None = None) -> None:
+def _observe_cluster(
+    kube: Kube, obs: Observation, namespace: str, name: str, rayservice: dict[str, Any] | None = None
+) -> None:
     obs.rayservice = rayservice or kube.get(RAY_API_VERSION, "RayService", namespace, naming.rayservice_name(name))
     obs.pods = kube.pods_of(namespace, name)
 
@@ -138,7 +140,7 @@ def _write_status(
     return None
 
 
-def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> dict[str, Any]:
+def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> dict[str, Any] | None:
     """Bring the children to the spec and the status to what the cluster shows.
 
     Raises InvalidSpec (after writing status and an Event) when the spec cannot be served,

@@ -11,6 +11,11 @@ import os
 import socket
 import threading
 import urllib.parse
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kubernetes import client
 
 log = logging.getLogger("llmep.operator")
 
@@ -19,7 +24,7 @@ log = logging.getLogger("llmep.operator")
 RENEW_DEADLINE_SECONDS = 10
 
 
-def _lease_lock(lease_name: str, lease_namespace: str, identity: str, configuration: object) -> object:
+def _lease_lock(lease_name: str, lease_namespace: str, identity: str, configuration: client.Configuration) -> object:
     """A LeaseLock whose calls are bounded, and fail (rather than raise) when the API server is
     unreachable: an exception would end the election thread while this process keeps reconciling,
     and a call that never returns would keep it from noticing the lost lease."""
@@ -31,22 +36,30 @@ def _lease_lock(lease_name: str, lease_namespace: str, identity: str, configurat
     from llmep_operator.kube import BoundedApiClient
     from llmep_operator.settings import ApiTimeouts
 
+    # LeaseLock is unannotated: its methods are called through the class (not super()), which
+    # mypy's untyped_calls_exclude recognises as the kubernetes client's.
     class BoundedLeaseLock(LeaseLock):
+        def __init__(self, name: str, namespace: str, identity: str) -> None:
+            LeaseLock.__init__(self, name, namespace, identity)
+
         def get(self, name: str, namespace: str) -> tuple[bool, object]:
             try:
-                return super().get(name, namespace)
+                found: tuple[bool, object] = LeaseLock.get(self, name, namespace)
+                return found
             except urllib3.exceptions.HTTPError as error:
                 return False, ApiException(status=0, reason=f"API server unreachable: {type(error).__name__}")
 
         def create(self, name: str, namespace: str, election_record: object) -> bool:
             try:
-                return super().create(name, namespace, election_record)
+                created: bool = LeaseLock.create(self, name, namespace, election_record)
+                return created
             except urllib3.exceptions.HTTPError:
                 return False
 
         def update(self, name: str, namespace: str, updated_record: object) -> bool:
             try:
-                return super().update(name, namespace, updated_record)
+                updated: bool = LeaseLock.update(self, name, namespace, updated_record)
+                return updated
             except urllib3.exceptions.HTTPError:
                 return False
 
@@ -57,7 +70,7 @@ def _lease_lock(lease_name: str, lease_namespace: str, identity: str, configurat
     return lock
 
 
-def _elect_leader(lease_name: str, lease_namespace: str, identity: str, configuration: object) -> None:
+def _elect_leader(lease_name: str, lease_namespace: str, identity: str, configuration: client.Configuration) -> None:
     """Block until this process holds the Lease; exit the process if it is ever lost."""
     from kubernetes.leaderelection import electionconfig, leaderelection
 
@@ -83,7 +96,7 @@ def _elect_leader(lease_name: str, lease_namespace: str, identity: str, configur
 
 
 @contextlib.contextmanager
-def _liveness_while_waiting(url: str | None):
+def _liveness_while_waiting(url: str | None) -> Iterator[None]:
     if not url:
         yield
         return
@@ -107,7 +120,7 @@ def _liveness_while_waiting(url: str | None):
         server.server_close()
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser("operator", help="run the LLMEndpoint operator (kopf)")
     parser.add_argument(
         "--namespace",

@@ -45,6 +45,7 @@ class Verdict:
 
 
 def _condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:
+    cond: dict[str, Any]
     for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
         if cond.get("type") == kind:
             return cond
@@ -152,7 +153,7 @@ def _merge_condition(
         "status": value,
         "reason": reason.value,
         "message": message[:32_000],
-        "lastTransitionTime": now if changed else previous.get("lastTransitionTime", now),
+        "lastTransitionTime": now if changed or previous is None else previous.get("lastTransitionTime", now),
         "observedGeneration": generation,
     }
 

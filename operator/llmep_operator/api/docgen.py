@@ -58,7 +58,7 @@ def _rendered_in(spec: dict[str, Any]) -> str:
 
 
 def _type_of(node: dict[str, Any]) -> str:
-    kind = node.get("type", "any")
+    kind: str = node.get("type", "any")
     if kind == "array":
         return f"[]{_type_of(node.get('items', {}))}"
     if kind == "object" and "additionalProperties" in node:

@@ -11,14 +11,15 @@ from __future__ import annotations
 import enum
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
 
 GROUP = "llmep.io"
 VERSION = "v1alpha1"
-KIND = "LLMEndpoint"
+KIND: Final = "LLMEndpoint"
 PLURAL = "llmendpoints"
 SINGULAR = "llmendpoint"
 SHORT_NAMES = ["llmep"]
@@ -41,8 +42,8 @@ QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|K|M|G|T|P)?$"
 SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"  # noqa: S105 - a pattern, not a secret
 
 
-def _cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
-    entry = {"rule": rule, "message": message}
+def _cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
+    entry: JsonDict = {"rule": rule, "message": message}
     if field_path:
         entry["fieldPath"] = field_path
     return entry
@@ -620,7 +621,7 @@ class ObjectMeta(BaseModel):
 class LLMEndpoint(ApiModel):
     """A whole LLMEndpoint object as kubectl sees it."""
 
-    api_version: Literal["llmep.io/v1alpha1"] = Field(default=f"{GROUP}/{VERSION}")
+    api_version: Literal["llmep.io/v1alpha1"] = Field(default=cast(Literal["llmep.io/v1alpha1"], f"{GROUP}/{VERSION}"))
     kind: Literal["LLMEndpoint"] = Field(default=KIND)
     metadata: ObjectMeta
     spec: LLMEndpointSpec

@@ -35,7 +35,7 @@ def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     name = ref.rsplit("/", 1)[-1]
     if name not in defs:
         raise SchemaError(f"unresolved reference {ref}")
-    merged = copy.deepcopy(defs[name])
+    merged: dict[str, Any] = copy.deepcopy(defs[name])
     # Field-level keys (description, default) override the referenced class's own.
     merged.update({k: v for k, v in node.items() if k != "$ref"})
     return merged

@@ -27,7 +27,9 @@ def _tcp(*ports: int) -> list[dict[str, Any]]:
     return [{"port": port, "protocol": "TCP"} for port in ports]
 
 
-def network_policy_for(plan: ServingPlan, settings: OperatorSettings, metadata: dict[str, Any]) -> dict | None:
+def network_policy_for(
+    plan: ServingPlan, settings: OperatorSettings, metadata: dict[str, Any]
+) -> dict[str, Any] | None:
     config = settings.network_policy
     if not config.enabled:
         return None

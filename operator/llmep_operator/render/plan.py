@@ -66,7 +66,7 @@ def _split_gpus(name: str, profile: ResourceProfile, gpus: int) -> tuple[int, in
     return profile.gpus_per_node, gpus // profile.gpus_per_node
 
 
-def _model_source(endpoint: LLMEndpoint) -> tuple[Any, list[dict], list[dict]]:
+def _model_source(endpoint: LLMEndpoint) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
     source = endpoint.spec.model.source
     scheme, _, rest = source.partition("://")
     if scheme == "hf":

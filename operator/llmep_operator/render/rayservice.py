@@ -40,8 +40,14 @@ def _metadata(plan: ServingPlan, name: str, owner_uid: str | None) -> dict[str, 
 
 
 def _container(
-    plan: ServingPlan, name: str, image: str, resources: dict, ports: list[dict] | None = None, *, secrets: bool
-) -> dict:
+    plan: ServingPlan,
+    name: str,
+    image: str,
+    resources: dict[str, Any],
+    ports: list[dict[str, Any]] | None = None,
+    *,
+    secrets: bool,
+) -> dict[str, Any]:
     mounts = [*SCRATCH_MOUNTS, *plan.volume_mounts]
     container: dict[str, Any] = {
         "name": name,
@@ -65,12 +71,12 @@ def _container(
 def _pod_template(
     plan: ServingPlan,
     settings: OperatorSettings,
-    container: dict,
-    node_selector: dict,
-    tolerations: list,
+    container: dict[str, Any],
+    node_selector: dict[str, Any],
+    tolerations: list[dict[str, Any]],
     *,
     api_token: bool,
-) -> dict:
+) -> dict[str, Any]:
     memory = container["resources"]["requests"]["memory"]
     spec: dict[str, Any] = {
         "securityContext": pod_security_context(),
@@ -222,12 +228,14 @@ def _cache_pvc(plan: ServingPlan, owner_uid: str | None) -> dict[str, Any] | Non
     }
 
 
-def build_children(endpoint: LLMEndpoint, settings: OperatorSettings, owner_uid: str | None = None) -> list[dict]:
+def build_children(
+    endpoint: LLMEndpoint, settings: OperatorSettings, owner_uid: str | None = None
+) -> list[dict[str, Any]]:
     """Every object the operator applies for one endpoint, in apply order."""
     return children_for(make_plan(endpoint, settings), settings, owner_uid)
 
 
-def children_for(plan: ServingPlan, settings: OperatorSettings, owner_uid: str | None = None) -> list[dict]:
+def children_for(plan: ServingPlan, settings: OperatorSettings, owner_uid: str | None = None) -> list[dict[str, Any]]:
     """build_children for a plan already made (the reconciler has one): the plan is made once."""
     pvc = _cache_pvc(plan, owner_uid)
     policy = network_policy_for(plan, settings, _metadata(plan, naming.network_policy_name(plan.name), owner_uid))
