@@ -127,8 +127,11 @@ def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Pro
     return Proc(proc, log)
 
 
-def start_backend(port: int, name: str, logs: Path) -> Proc:
-    p = _spawn([sys.executable, str(HERE / "fake_openai_backend.py"), str(port), name], logs / f"backend-{name}.log")
+def start_backend(port: int, name: str, logs: Path, received: Path | None = None) -> Proc:
+    """fake_openai_backend.py on PORT; with `received`, every prompt it gets is appended there."""
+    argv = [sys.executable, str(HERE / "fake_openai_backend.py"), str(port), name]
+    argv += [str(received)] if received else []
+    p = _spawn(argv, logs / f"backend-{name}.log")
     wait_port(port, proc=p.proc)
     return p
 

@@ -93,7 +93,7 @@ def test_a_key_revoked_and_an_endpoint_created_while_the_api_server_was_blackhol
         if reply.status_code != 200:
             return False
         body = reply.json()
-        return body["model"] == model and body["choices"][0]["message"]["content"] == "from backend"
+        return body["model"] == model and body["choices"][0]["message"]["content"] == "backend: hi"
 
     def refused(key: str) -> bool:
         reply = chat(key, "first")

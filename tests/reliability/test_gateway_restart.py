@@ -1,7 +1,7 @@
 """A gateway restart under load, and replicas that crash or refuse connections, with real processes.
 
 Two gateway processes (A and B, as two pods behind a Service) serve one model from two replicas
-(tests/reliability/counting_backend.py, each its own process recording every request it
+(tests/reliability/fake_openai_backend.py, each its own process recording every request it
 receives). Clients follow readiness as kube-proxy follows a Service's endpoints: a poller GETs
 each gateway's /readyz every POLL_S and clients send each request to a gateway that answered 200
 most recently. A is sent SIGTERM mid-load and replaced by A2 on another port (a new pod).
@@ -26,11 +26,8 @@ All traffic is on 127.0.0.1; every wait has a deadline and every process is ende
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -45,7 +42,7 @@ import httpx
 import openai
 import pytest
 
-from tests.reliability.stack import HERE, Proc, free_port, start_gateway, wait_port
+from tests.reliability.stack import Proc, free_port, start_backend, start_gateway
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(180)]
 
@@ -54,28 +51,16 @@ GRACE_S = 3.0
 POLL_S = 0.2  # readiness poll interval (kube-proxy following endpoints); with --drain-seconds 0 clients are refused
 CLIENTS = 8
 PER_GATEWAY = 30  # answers from a gateway before the next step: load that flows, not a time
-STREAM_CHUNKS = 12  # counting_backend.STREAM_CHUNKS
-SLOW_DELAY = 0.05  # counting_backend.SLOW_DELAY
+STREAM_CHUNKS = 12  # fake_openai_backend.STREAM_CHUNKS
+SLOW_DELAY = 0.05  # fake_openai_backend.SLOW_DELAY
 TIMER_SLACK_S = 0.1  # asyncio timers may fire up to a clock tick early
 
 
 def start_replica(port: int, name: str, logs: Path) -> tuple[Proc, Path]:
-    """A counting_backend.py process; its received requests go to the returned file."""
+    """A fake_openai_backend.py process; its received requests go to the returned file."""
     received = logs / f"received-{name}.jsonl"
     received.touch()
-    log = logs / f"backend-{name}.log"
-    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, str(HERE / "counting_backend.py"), str(port), name, str(received)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    replica = Proc(proc, log)
-    wait_port(port, proc=proc)
-    return replica, received
+    return start_backend(port, name, logs, received), received
 
 
 def received(*files: Path) -> list[dict]:
