@@ -447,9 +447,9 @@ class Gateway:
             if not self.in_flight.cutting:
                 raise
             resp.close()
-            exc = errors.shutting_down()
-            self.metrics.error(route.model, exc.code)
-            await _end_stream(out, errors.sse_error_event(exc.message, exc.code, exc.type))
+            gone = errors.shutting_down()
+            self.metrics.error(route.model, gone.code)
+            await _end_stream(out, errors.sse_error_event(gone.message, gone.code, gone.type))
             return out
         if failed:
             self.metrics.error(route.model, "backend_stream_interrupted")

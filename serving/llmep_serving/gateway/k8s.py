@@ -7,6 +7,7 @@ blocking kubernetes client in threads and hand snapshots to the event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -156,6 +157,7 @@ class KubeSource:
             api_client = client.ApiClient()
         custom = client.CustomObjectsApi(api_client)
         core = client.CoreV1Api(api_client)
+        targets: list[tuple[str, Callable[..., Any], dict[str, Any]]]
         if "*" in self.watch_namespaces:
             targets = [("*", custom.list_cluster_custom_object, {})]
         else:
@@ -168,7 +170,7 @@ class KubeSource:
                 f"watch-llmendpoints-{ns}",
                 list_fn,
                 {"group": GROUP, "version": VERSION, "plural": PLURAL, **kwargs},
-                lambda objs, ns=ns: self._endpoints_changed(ns, objs),
+                functools.partial(self._endpoints_changed, ns),
                 api_client,
             )
         if self.on_keys is not None:

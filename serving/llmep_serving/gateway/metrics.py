@@ -62,7 +62,8 @@ class Histogram:
         self.sum += value
 
     def cumulative(self) -> list[tuple[str, float]]:
-        buckets, total = [], 0
+        buckets: list[tuple[str, float]] = []
+        total = 0
         for bound, count in zip(
             (*map(floatToGoString, self.bounds), "+Inf"), self.counts, strict=True
         ):

@@ -12,8 +12,10 @@ import asyncio
 import json
 import logging
 import multiprocessing
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar, TypeVarTuple
 
 from aiohttp import web
 
@@ -21,6 +23,8 @@ from . import errors
 from .budget import BodyClaim
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
 
 
 def parse_request(body: bytes) -> tuple[str, bool]:
@@ -113,7 +117,7 @@ class BodyParser:
             return with_model(body, model)
         return await self._offload(with_model, body, model)
 
-    async def _offload(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def _offload(self, fn: Callable[[*_Ts], _T], *args: *_Ts) -> _T:
         if self._pool is None:
             # spawn, not fork: the gateway runs threads (the API watches) that fork would copy mid-lock.
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
