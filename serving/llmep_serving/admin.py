@@ -18,7 +18,9 @@ KEY_PREFIX = "sk-llmep-"
 console = Console()
 
 
-def _clients():
+def _clients() -> tuple[Any, Any]:
+    """CoreV1Api and CustomObjectsApi, used as Any: the client's models declare every field
+    Optional (metadata too) and custom objects as `object`, though the API server fills them."""
     from kubernetes import client
 
     from llmep_operator.kube import load_config
@@ -144,7 +146,7 @@ def keys_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(commands: argparse._SubParsersAction) -> None:
+def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     st = commands.add_parser("status", help="LLMEndpoints: readiness, replicas, url, and what is happening")
     st.add_argument("--namespace", "-n", default="default")
     st.add_argument("--all-namespaces", "-A", action="store_true")

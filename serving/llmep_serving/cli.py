@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         # The gateway parses its own flags (they mirror its settings), --help included.
         return _gateway(argv[1:])
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    status: int = args.func(args)
+    return status
 
 
 if __name__ == "__main__":

@@ -30,10 +30,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import psutil
+    from ray.serve._private.client import ServeControllerClient
 
 LOOPBACK = "127.0.0.1"
 # Keys of a serveConfigV2 application entry that the local runner honours.
@@ -253,7 +254,8 @@ class LocalServe:
             {"http_options": {"host": self.host, "port": self.port}, "applications": [self.application]}
         )
         # As KubeRay does through the dashboard: the controller builds the app in the cluster.
-        _get_global_client().deploy_apps(config)
+        # With raise_if_no_controller_running (the default) it raises rather than return None.
+        cast("ServeControllerClient", _get_global_client()).deploy_apps(config)
 
     def _wait_until_ready(self, t0: float) -> None:
         deadline = t0 + self.ready_timeout_s
@@ -319,7 +321,8 @@ def stop_processes(processes: list[psutil.Process], grace_s: float) -> None:
 def _free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def run_local(application: Mapping[str, Any], **kwargs: Any) -> LocalServe:

@@ -79,7 +79,8 @@ class ServeError(RuntimeError):
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def _source_for(model: str) -> str:
@@ -136,7 +137,7 @@ def endpoint_manifest(args: argparse.Namespace) -> dict[str, Any]:
     return manifest
 
 
-def _wait_for_gateway(url: str, process: subprocess.Popen, timeout: float = 30.0) -> None:
+def _wait_for_gateway(url: str, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -162,7 +163,7 @@ def _adopt_orphans() -> None:
 
 
 def _stop_everything_started(
-    gateway: subprocess.Popen | None, local: LocalServe | None, gateway_grace_s: float = _STOP_GRACE_S
+    gateway: subprocess.Popen[bytes] | None, local: LocalServe | None, gateway_grace_s: float = _STOP_GRACE_S
 ) -> None:
     """The gateway, then the Ray cluster, then whatever of theirs is left: nothing survives."""
     import psutil  # ships with Ray and vLLM
@@ -267,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
             _stop_everything_started(gateway, local, gateway_grace_s)
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "serve", help="serve an LLMEndpoint on this machine (local Ray + vLLM, behind the gateway)"
     )

@@ -23,6 +23,13 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
+
+    from llmep_operator.render import RayApp
+    from llmep_operator.settings import OperatorSettings
 
 # Bump the suffix whenever the model's shape, tokenizer, template, corpus or training changes, so
 # caches refresh.
@@ -189,7 +196,7 @@ def _write_model(out: Path) -> None:
     model.save_pretrained(out)
 
 
-def _train(model, examples: list[list[int]], *, pad_id: int) -> None:
+def _train(model: LlamaForCausalLM, examples: list[list[int]], *, pad_id: int) -> None:
     """A short AdamW run over the examples, shuffled by a seeded generator, batches padded."""
     import torch
 
@@ -238,13 +245,13 @@ def tiny_endpoint_manifest(
     name: str = "tiny",
     namespace: str = "local",
     max_model_len: int = 256,
-    autoscaling: dict | None = None,
-    routing: dict | None = None,
-    extra_args: dict | None = None,
-) -> dict:
+    autoscaling: dict[str, Any] | None = None,
+    routing: dict[str, Any] | None = None,
+    extra_args: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The LLMEndpoint a user writes for the tiny model: the `cpu` profile adds what vLLM's CPU
     build needs (float32, eager mode, offline hub for a local path), so nothing else is set."""
-    spec = {
+    spec: dict[str, Any] = {
         "model": {"source": f"file://{model_dir}", "servedName": name},
         "engine": {"maxModelLen": max_model_len},
         "resources": {"profile": "cpu"},
@@ -263,7 +270,9 @@ def tiny_endpoint_manifest(
     }
 
 
-def tiny_ray_app(model_dir: str | os.PathLike[str], settings=None, **manifest_kwargs):
+def tiny_ray_app(
+    model_dir: str | os.PathLike[str], settings: OperatorSettings | None = None, **manifest_kwargs: Any
+) -> RayApp:
     """The operator's RayApp for that endpoint: ``applications[0]`` of its serveConfigV2 and the
     environment of its Ray processes (``settings``: OperatorSettings, default the defaults)."""
     from llmep_operator.api import parse_endpoint
