@@ -42,9 +42,11 @@ check-crds: ## fail when the generated CRD files are stale
 	$(PY) -m llmep_operator.api.crdgen --check --root $(CRD_ROOT)
 	$(PY) -m llmep_operator.api.docgen --check
 
-lint: ## ruff and import-linter (operator and gateway never import ray or vllm)
+lint: ## ruff, import-linter (operator and gateway never import ray or vllm), mypy --strict
 	$(VENV)/bin/ruff check operator serving tests bench
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --scripts-are-modules hack/local-cluster hack/runc-capfilter
 
 test: check-crds lint ## lint, then every tier that can run here; fails if a tier collected nothing
 	$(PY) -m pytest tests $(PYTEST_ARGS)
