@@ -1,0 +1,288 @@
+"""`llmep status` and `llmep keys` against the rig's API server, run as a user runs them: the real
+command in a subprocess, with a kubeconfig.
+
+- `llmep status --exit-code` exits 3 while any endpoint is not Ready (0 without the flag), and
+  shows each endpoint's reason and message; the status is written by the test, as the operator
+  would, since no operator runs here;
+- `llmep keys create|list|revoke` end to end with a gateway running in cluster mode in this
+  process (as tests/cluster/test_gateway_watch.py runs it), authenticated as a ServiceAccount with
+  the gateway's least-privilege Role: the key printed once works, its scope holds, `list` never
+  shows it, and `revoke` makes the gateway refuse it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from aiohttp import web
+from kubernetes import client as k8s
+
+from llmep_serving.gateway import GatewayServer, GatewaySettings
+
+pytestmark = pytest.mark.cluster
+REPO = Path(__file__).resolve().parents[2]
+GROUP, VERSION, PLURAL = "llmep.io", "v1alpha1", "llmendpoints"
+
+
+@pytest.fixture(scope="module")
+def crd(cluster):
+    cluster.apply_crd(REPO / "crds" / "llmendpoints.llmep.io.yaml")
+
+
+def llmep(kubeconfig: Path, *args: str) -> subprocess.CompletedProcess:
+    # A wide terminal, so rich folds no message across lines of its table.
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "COLUMNS": "300"}
+    return subprocess.run(
+        [sys.executable, "-m", "llmep_serving.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def create_endpoint(cluster, namespace: str, name: str) -> dict:
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LLMEndpoint",
+        "metadata": {"name": name},
+        "spec": {"model": {"source": "hf://Qwen/Qwen2.5-7B-Instruct"}},
+    }
+    return cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+
+
+def set_status(cluster, namespace: str, name: str, url: str, ready: bool, reason: str, message: str) -> None:
+    generation = cluster.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)["metadata"][
+        "generation"
+    ]
+    condition = {
+        "type": "Ready",
+        "status": "True" if ready else "False",
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": "2026-01-01T00:00:00Z",
+    }
+    cluster.custom.patch_namespaced_custom_object_status(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        name,
+        {
+            "status": {
+                "observedGeneration": generation,
+                "url": url,
+                "models": [name],
+                "replicas": {"desired": 1, "ready": 1 if ready else 0},
+                "conditions": [condition],
+            }
+        },
+    )
+
+
+# ---- llmep status ----------------------------------------------------------------------------
+
+
+def test_status_exit_code_follows_readiness(cluster, namespace, crd):
+    kc = cluster.kubeconfig
+    empty = llmep(kc, "status", "-n", namespace, "--exit-code")
+    assert empty.returncode == 0, empty.stderr
+    assert f"No LLMEndpoints in namespace {namespace}." in empty.stdout
+
+    create_endpoint(cluster, namespace, "alpha")
+    set_status(cluster, namespace, "alpha", "http://alpha-serve/v1", True, "Serving", "1 replica(s) serving")
+    ready = llmep(kc, "status", "-n", namespace, "--exit-code")
+    assert ready.returncode == 0, ready.stdout + ready.stderr
+    assert f"{namespace}/alpha" in ready.stdout and "True (Serving)" in ready.stdout
+    assert "1 replica(s) serving" in ready.stdout and "1/1" in ready.stdout
+
+    create_endpoint(cluster, namespace, "beta")
+    waiting = "pod beta-workers-abc cannot be scheduled: 0/3 nodes are available"
+    set_status(cluster, namespace, "beta", "http://beta-serve/v1", False, "WaitingForGPUNode", waiting)
+    one_down = llmep(kc, "status", "-n", namespace, "--exit-code")
+    assert one_down.returncode == 3, one_down.stdout + one_down.stderr
+    assert "False (WaitingForGPUNode)" in one_down.stdout and waiting in one_down.stdout
+    assert "True (Serving)" in one_down.stdout  # alpha is still listed as it is
+    without_flag = llmep(kc, "status", "-n", namespace)
+    assert without_flag.returncode == 0
+    assert without_flag.stdout == one_down.stdout
+
+    # Ready again: 0 again.
+    set_status(cluster, namespace, "beta", "http://beta-serve/v1", True, "Serving", "1 replica(s) serving")
+    assert llmep(kc, "status", "-n", namespace, "--exit-code").returncode == 0
+
+    # An endpoint the operator has not reconciled yet is not Ready.
+    create_endpoint(cluster, namespace, "gamma")
+    fresh = llmep(kc, "status", "-n", namespace, "--exit-code")
+    assert fresh.returncode == 3, fresh.stdout
+    assert "Unknown (not reconciled yet)" in fresh.stdout
+    assert "(the operator has not processed the latest change yet)" in fresh.stdout
+
+    everywhere = llmep(kc, "status", "-A", "--exit-code")
+    assert everywhere.returncode == 3
+    assert all(f"{namespace}/{n}" in everywhere.stdout for n in ("alpha", "beta", "gamma"))
+
+
+def test_status_without_permission_to_list_exits_1_with_the_servers_answer(cluster, namespace, crd, tmp_path):
+    cluster.core.create_namespaced_service_account(
+        namespace, k8s.V1ServiceAccount(metadata=k8s.V1ObjectMeta(name="nobody"))
+    )
+    kc = cluster.kubeconfig_for_token(cluster.token_for("nobody", namespace), tmp_path / "kubeconfig", "nobody")
+    result = llmep(kc, "status", "-n", namespace, "--exit-code")
+    assert result.returncode == 1
+    assert result.stderr == "llmep status: cannot list LLMEndpoints: 403 Forbidden\n"
+    assert result.stdout == ""
+
+
+# ---- llmep keys, with a gateway --------------------------------------------------------------
+
+
+def gateway_kubeconfig(cluster, namespace: str, tmp_path: Path) -> Path:
+    """The gateway's least-privilege identity: read LLMEndpoints, list/watch Secrets."""
+    cluster.core.create_namespaced_service_account(
+        namespace, k8s.V1ServiceAccount(metadata=k8s.V1ObjectMeta(name="llmep-gateway"))
+    )
+    rules = [
+        k8s.V1PolicyRule(api_groups=[GROUP], resources=[PLURAL], verbs=["get", "list", "watch"]),
+        k8s.V1PolicyRule(api_groups=[""], resources=["secrets"], verbs=["list", "watch"]),
+    ]
+    role = k8s.V1Role(metadata=k8s.V1ObjectMeta(name="llmep-gateway"), rules=rules)
+    cluster.rbac.create_namespaced_role(namespace, role)
+    cluster.rbac.create_namespaced_role_binding(
+        namespace,
+        k8s.V1RoleBinding(
+            metadata=k8s.V1ObjectMeta(name="llmep-gateway"),
+            role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="llmep-gateway"),
+            subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name="llmep-gateway", namespace=namespace)],
+        ),
+    )
+    token = cluster.token_for("llmep-gateway", namespace)
+    return cluster.kubeconfig_for_token(token, tmp_path / "gateway-kubeconfig", "llmep-gateway")
+
+
+async def start_backend() -> tuple[web.AppRunner, str]:
+    """An OpenAI-shaped backend on loopback, standing in for the Ray Serve Service."""
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        message = {"role": "assistant", "content": f"hello from {body['model']}"}
+        choice = {"index": 0, "finish_reason": "stop", "message": message}
+        return web.json_response(
+            {"id": "x", "object": "chat.completion", "created": 1, "model": body["model"], "choices": [choice]}
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/{tail:.*}", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+
+
+async def eventually(check, timeout: float = 30.0, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await check()
+        except (openai.APIStatusError, openai.APIConnectionError, AssertionError) as error:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:.0f}s: {what}; last: {error!r}") from None
+            await asyncio.sleep(0.2)
+
+
+@pytest.mark.asyncio
+async def test_keys_create_list_revoke_end_to_end_through_the_gateway(cluster, namespace, crd, tmp_path):
+    kc = cluster.kubeconfig
+    backend, url = await start_backend()
+    for name in ("alpha", "beta"):
+        create_endpoint(cluster, namespace, name)
+        set_status(cluster, namespace, name, url, True, "Serving", "1 replica(s) serving")
+    server = GatewayServer(
+        GatewaySettings(
+            host="127.0.0.1",
+            port=0,
+            kubeconfig=gateway_kubeconfig(cluster, namespace, tmp_path),
+            namespace=namespace,
+            watch_namespaces=[namespace],
+            wake_backend=False,
+            hold_deadline=0,
+            backend_url_template=url,
+        )
+    )
+    await server.start()
+    gw = f"http://127.0.0.1:{server.port}/v1"
+
+    async def run(*args: str) -> subprocess.CompletedProcess:
+        return await asyncio.to_thread(llmep, kc, *args)
+
+    async def ask(key: str, model: str) -> str:
+        c = openai.AsyncOpenAI(base_url=gw, api_key=key, max_retries=0)
+        reply = await c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+        return reply.choices[0].message.content
+
+    try:
+        created = await run("keys", "create", "app-a", "-n", namespace, "--models", "alpha")
+        assert created.returncode == 0, created.stderr
+        key = created.stdout.strip()
+        assert created.stdout == f"{key}\n" and key.startswith("sk-llmep-") and len(key) > 40
+        assert f"created key 'app-a' in namespace {namespace} for models alpha." in created.stderr
+        assert key not in created.stderr
+
+        async def answered():
+            assert await ask(key, "alpha") == "hello from alpha"
+            return True
+
+        await eventually(answered, what="the new key to be accepted for alpha")
+        with pytest.raises(openai.NotFoundError):  # outside its scope: as if the model did not exist
+            await ask(key, "beta")
+
+        # The Secret holds only the hash; `list` shows names and scopes, never a key or hash.
+        secret = cluster.core.read_namespaced_secret("app-a", namespace)
+        assert set(secret.data) == {"sha256", "models"}
+        listed = await run("keys", "list", "-n", namespace)
+        assert listed.returncode == 0, listed.stderr
+        assert "app-a" in listed.stdout and "alpha" in listed.stdout
+        assert key not in listed.stdout and "sha256" not in listed.stdout
+
+        again = await run("keys", "create", "app-a", "-n", namespace)
+        assert again.returncode == 1
+        assert again.stderr == (
+            "llmep keys create: 409 Conflict (a key with that name exists: revoke it first or pick another name)\n"
+        )
+        assert again.stdout == ""
+
+        revoked_at = time.monotonic()
+        revoked = await run("keys", "revoke", "app-a", "-n", namespace)
+        assert revoked.returncode == 0, revoked.stderr
+        assert revoked.stderr == "revoked key 'app-a'; the gateway refuses it within seconds.\n"
+
+        async def refused():
+            try:
+                await ask(key, "alpha")
+            except openai.AuthenticationError:
+                return time.monotonic() - revoked_at
+            raise AssertionError("the revoked key is still accepted")
+
+        seconds = await eventually(refused, timeout=10, what="the gateway to refuse the revoked key")
+        listed = await run("keys", "list", "-n", namespace)
+        assert "app-a" not in listed.stdout
+
+        # revoke touches only llmep keys, and says why it did nothing.
+        cluster.core.create_namespaced_secret(
+            namespace, k8s.V1Secret(metadata=k8s.V1ObjectMeta(name="db-password"), string_data={"p": "x"})
+        )
+        other = await run("keys", "revoke", "db-password", "-n", namespace)
+        assert other.returncode == 1
+        assert other.stderr == (
+            "llmep keys revoke: Secret db-password is not an llmep API key (no llmep.io/api-key label)\n"
+        )
+        assert cluster.core.read_namespaced_secret("db-password", namespace)
+        missing = await run("keys", "revoke", "app-a", "-n", namespace)
+        assert (missing.returncode, missing.stderr) == (1, "llmep keys revoke: 404 Not Found\n")
+    finally:
+        await server.stop()
+        await backend.cleanup()
+    print(f"the gateway refused the revoked key {seconds:.2f}s after `llmep keys revoke` started")

@@ -1,0 +1,107 @@
+"""Without KubeRay's RayService CRD the operator says so, and retries: a reconcile ends in NotYet
+("install KubeRay first"), kopf is handed a TemporaryError with that message and a 30 s delay, and
+no status is written.
+
+The API server here is a real HTTP server on loopback that answers as kube-apiserver v1.37.2 (the
+rig's) does for a resource it does not serve: `404 page not found` in text/plain, captured from
+the rig for PATCH /apis/<group>/v1/namespaces/default/<plural>/x. The rig itself always installs
+KubeRay's CRDs, and deleting them there would take KubeRay down for every other test, so the
+fault is produced here. Every other path is answered as a successful server-side apply would be.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+
+import kopf
+import pytest
+from kubernetes import client
+
+from llmep_operator import handlers
+from llmep_operator.errors import NotYet
+from llmep_operator.kube import BoundedApiClient, Kube
+from llmep_operator.reconcile import reconcile
+from llmep_operator.settings import ApiTimeouts, OperatorSettings
+
+pytestmark = pytest.mark.unit
+MESSAGE = "the RayService CRD (ray.io/v1) is not installed: install KubeRay first"
+BODY = {
+    "apiVersion": "llmep.io/v1alpha1",
+    "kind": "LLMEndpoint",
+    "metadata": {"name": "qwen", "namespace": "team-a", "generation": 1, "resourceVersion": "7", "uid": "u-1"},
+    "spec": {"model": {"source": "hf://Qwen/Qwen2.5-7B-Instruct"}},
+}
+
+
+@pytest.fixture
+def api_without_kuberay() -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    requests: list[tuple[str, str]] = []
+
+    class ApiServer(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            sent = self.rfile.read(length) if length else b""
+            requests.append((self.command, self.path))
+            if self.path.startswith("/apis/ray.io/"):
+                code, content_type, body = 404, "text/plain; charset=utf-8", b"404 page not found\n"
+            elif self.command == "PATCH":  # a server-side apply: the object as stored
+                obj = json.loads(sent or b"{}")
+                obj.setdefault("metadata", {}).update(uid="child-uid", resourceVersion="1")
+                code, content_type, body = 200, "application/json", json.dumps(obj).encode()
+            else:
+                code, content_type, body = 200, "application/json", b'{"kind": "List", "items": []}'
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_PATCH = do_POST = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ApiServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    server.shutdown()
+    server.server_close()
+
+
+def _kube(url: str) -> Kube:
+    configuration = client.Configuration()
+    configuration.host = url
+    return Kube("llmep-operator", BoundedApiClient(configuration, ApiTimeouts()))
+
+
+def test_reconcile_says_install_kuberay_first_and_writes_no_status(api_without_kuberay):
+    url, requests = api_without_kuberay
+    with pytest.raises(NotYet) as raised:
+        reconcile(json.loads(json.dumps(BODY)), _kube(url), OperatorSettings())
+    assert str(raised.value) == MESSAGE
+    assert raised.value.delay == 30
+    assert ("PATCH", "/apis/ray.io/v1/namespaces/team-a/rayservices/qwen?fieldManager=llmep-operator&force=true") in [
+        (method, path) for method, path in requests
+    ], requests
+    assert not [path for _, path in requests if "/status" in path], "no status is written without KubeRay"
+
+
+def test_kopf_retries_it_in_30_seconds_with_that_message(api_without_kuberay, monkeypatch):
+    url, _ = api_without_kuberay
+    monkeypatch.setattr(handlers, "_kube", _kube(url))
+    with pytest.raises(kopf.TemporaryError) as raised:
+        handlers._reconcile(kopf.Body(json.loads(json.dumps(BODY))))
+    assert (str(raised.value), raised.value.delay) == (MESSAGE, 30)
+
+
+def test_the_drift_check_logs_it_and_goes_on(api_without_kuberay, monkeypatch, caplog):
+    """The drift loop must not stop on it; the handler's retry is what reports it."""
+    url, _ = api_without_kuberay
+    monkeypatch.setattr(handlers, "_kube", _kube(url))
+    caplog.set_level("DEBUG", logger=handlers.log.name)
+    handlers._correct_drift(json.loads(json.dumps(BODY)))
+    assert f"drift check of team-a/qwen: {MESSAGE}" in caplog.messages
