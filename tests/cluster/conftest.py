@@ -12,6 +12,8 @@ Fixtures:
 - `cluster`: a `Cluster` (API clients, kubectl, polling, CRDs, ServiceAccount tokens).
 - `namespace`: a fresh namespace per test, deleted afterwards.
 - `kopf_runner_as`: runs an operator with `kopf.testing.KopfRunner` as a ServiceAccount.
+- `crd`: the LLMEndpoint CRD applied and Established (once per module).
+- `chart_operator`: the operator as the chart's ServiceAccount, with only the chart's RBAC.
 """
 
 from __future__ import annotations
@@ -35,8 +37,12 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 
+from tests.cluster.operator_identity import operator_identity
+
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_CLUSTER = REPO / "hack" / "local-cluster"
+CRD = REPO / "crds" / "llmendpoints.llmep.io.yaml"
+HANDLERS = str(REPO / "operator" / "llmep_operator" / "handlers.py")
 T = TypeVar("T")
 
 
@@ -323,3 +329,53 @@ def kopf_runner_as(cluster: Cluster) -> Callable[..., contextlib.AbstractContext
         return run_kopf_as(cluster, service_account, namespace, **kwargs)
 
     return factory
+
+
+@pytest.fixture(scope="module")
+def crd(cluster: Cluster) -> None:
+    """The LLMEndpoint CRD, applied and Established."""
+    cluster.apply_crd(CRD)
+
+
+@pytest.fixture
+def chart_operator(
+    cluster: Cluster,
+    namespace: str,
+    crd: None,
+    kopf_runner_as: Callable[..., contextlib.AbstractContextManager[Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Callable[..., Callable[[], contextlib.AbstractContextManager[Any]]]]:
+    """The operator as the chart's ServiceAccount, with only the chart's RBAC, watching `namespace`.
+
+    `run = chart_operator(drift_check_seconds=3)` renders and applies the chart's operator
+    identity and sets the drift-check period (LLMEP_DRIFT_CHECK_SECONDS, read when the operator
+    starts, so a test may still change it); each `with run() as runner:` (re)starts the operator,
+    and once it has stopped asserts that it raised nothing and logged no traceback. The chart's
+    cluster-scoped RBAC is deleted after the test.
+    """
+    applied: list[dict] = []
+
+    def start(drift_check_seconds: float) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+        release = f"op-{secrets.token_hex(3)}"
+        account, rbac = operator_identity(cluster.bin_dir, release, namespace, f"watchNamespaces={{{namespace}}}")
+        cluster.apply(rbac)
+        applied.extend(rbac)
+        monkeypatch.setenv("LLMEP_DRIFT_CHECK_SECONDS", str(drift_check_seconds))
+
+        @contextlib.contextmanager
+        def run() -> Iterator[Any]:
+            with kopf_runner_as(account, namespace, paths=(HANDLERS,), watch_namespaces=(namespace,)) as runner:
+                yield runner
+            # Read once the operator has stopped (KopfRunner's exception and output wait for that).
+            assert runner.exception is None, runner.exception
+            output = runner.output
+            # The first traceback with the log before it, wherever it is in a long log.
+            assert "Traceback" not in output, output[max(0, output.find("Traceback") - 2000) :][:6000]
+
+        return run
+
+    yield start
+    for obj in applied:
+        if obj["kind"].startswith("Cluster"):
+            with contextlib.suppress(Exception):
+                cluster.kubectl("delete", obj["kind"].lower(), obj["metadata"]["name"], "--ignore-not-found")

@@ -24,16 +24,13 @@ import pytest
 from aiohttp import web
 from kubernetes import client as k8s
 
+from llmep_operator.api import GROUP, PLURAL, VERSION
 from llmep_serving.gateway import GatewayServer, GatewaySettings
+from tests.cluster.backend import start_openai_backend
+from tests.cluster.endpoints import set_endpoint_status
+from tests.cluster.gateway_identity import gateway_identity
 
 pytestmark = pytest.mark.cluster
-REPO = Path(__file__).resolve().parents[2]
-GROUP, VERSION, PLURAL = "llmep.io", "v1alpha1", "llmendpoints"
-
-
-@pytest.fixture(scope="module")
-def crd(cluster):
-    cluster.apply_crd(REPO / "crds" / "llmendpoints.llmep.io.yaml")
 
 
 def llmep(kubeconfig: Path, *args: str) -> subprocess.CompletedProcess:
@@ -55,31 +52,9 @@ def create_endpoint(cluster, namespace: str, name: str) -> dict:
 
 
 def set_status(cluster, namespace: str, name: str, url: str, ready: bool, reason: str, message: str) -> None:
-    generation = cluster.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)["metadata"][
-        "generation"
-    ]
-    condition = {
-        "type": "Ready",
-        "status": "True" if ready else "False",
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": "2026-01-01T00:00:00Z",
-    }
-    cluster.custom.patch_namespaced_custom_object_status(
-        GROUP,
-        VERSION,
-        namespace,
-        PLURAL,
-        name,
-        {
-            "status": {
-                "observedGeneration": generation,
-                "url": url,
-                "models": [name],
-                "replicas": {"desired": 1, "ready": 1 if ready else 0},
-                "conditions": [condition],
-            }
-        },
+    """The status the operator writes, observing the endpoint's current generation."""
+    set_endpoint_status(
+        cluster, namespace, name, url=url, ready=ready, reason=reason, message=message, generation="current"
     )
 
 
@@ -140,46 +115,9 @@ def test_status_without_permission_to_list_exits_1_with_the_servers_answer(clust
 # ---- llmep keys, with a gateway --------------------------------------------------------------
 
 
-def gateway_kubeconfig(cluster, namespace: str, tmp_path: Path) -> Path:
-    """The gateway's least-privilege identity: read LLMEndpoints, list/watch Secrets."""
-    cluster.core.create_namespaced_service_account(
-        namespace, k8s.V1ServiceAccount(metadata=k8s.V1ObjectMeta(name="llmep-gateway"))
-    )
-    rules = [
-        k8s.V1PolicyRule(api_groups=[GROUP], resources=[PLURAL], verbs=["get", "list", "watch"]),
-        k8s.V1PolicyRule(api_groups=[""], resources=["secrets"], verbs=["list", "watch"]),
-    ]
-    role = k8s.V1Role(metadata=k8s.V1ObjectMeta(name="llmep-gateway"), rules=rules)
-    cluster.rbac.create_namespaced_role(namespace, role)
-    cluster.rbac.create_namespaced_role_binding(
-        namespace,
-        k8s.V1RoleBinding(
-            metadata=k8s.V1ObjectMeta(name="llmep-gateway"),
-            role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="llmep-gateway"),
-            subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name="llmep-gateway", namespace=namespace)],
-        ),
-    )
-    token = cluster.token_for("llmep-gateway", namespace)
-    return cluster.kubeconfig_for_token(token, tmp_path / "gateway-kubeconfig", "llmep-gateway")
-
-
 async def start_backend() -> tuple[web.AppRunner, str]:
-    """An OpenAI-shaped backend on loopback, standing in for the Ray Serve Service."""
-
-    async def chat(request: web.Request) -> web.Response:
-        body = await request.json()
-        message = {"role": "assistant", "content": f"hello from {body['model']}"}
-        choice = {"index": 0, "finish_reason": "stop", "message": message}
-        return web.json_response(
-            {"id": "x", "object": "chat.completion", "created": 1, "model": body["model"], "choices": [choice]}
-        )
-
-    app = web.Application()
-    app.router.add_post("/v1/{tail:.*}", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    """A backend that answers "hello from {model}"."""
+    return await start_openai_backend(lambda model: f"hello from {model}")
 
 
 async def eventually(check, timeout: float = 30.0, what: str = ""):
@@ -204,7 +142,7 @@ async def test_keys_create_list_revoke_end_to_end_through_the_gateway(cluster, n
         GatewaySettings(
             host="127.0.0.1",
             port=0,
-            kubeconfig=gateway_kubeconfig(cluster, namespace, tmp_path),
+            kubeconfig=gateway_identity(cluster, namespace, tmp_path),
             namespace=namespace,
             watch_namespaces=[namespace],
             wake_backend=False,

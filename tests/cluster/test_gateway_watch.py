@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from pathlib import Path
 
 import httpx
 import openai
@@ -21,121 +20,25 @@ import pytest
 from aiohttp import web
 from kubernetes import client as k8s
 
+from llmep_operator.api import GROUP, PLURAL, VERSION
 from llmep_serving.gateway import GatewayServer, GatewaySettings
+from tests.cluster.backend import start_openai_backend
+from tests.cluster.endpoints import set_endpoint_status
+from tests.cluster.gateway_identity import gateway_identity
 from tests.conftest import FIXTURES, load_fixture
 
 pytestmark = [pytest.mark.cluster, pytest.mark.asyncio]
-REPO = Path(__file__).resolve().parents[2]
-GROUP, VERSION, PLURAL = "llmep.io", "v1alpha1", "llmendpoints"
 KEY = "sk-cluster-0123456789"
 
 
-@pytest.fixture(scope="module")
-def crd(cluster):
-    cluster.apply_crd(REPO / "crds" / "llmendpoints.llmep.io.yaml")
-
-
-def gateway_identity(cluster, namespace: str, tmp_path: Path, endpoint_namespaces: tuple[str, ...] = ()) -> Path:
-    """A ServiceAccount with the gateway's least-privilege Role; returns its kubeconfig.
-    In each of `endpoint_namespaces` it may also read LLMEndpoints (as the chart grants)."""
-    for ns in endpoint_namespaces:
-        cluster.rbac.create_namespaced_role(
-            ns,
-            k8s.V1Role(
-                metadata=k8s.V1ObjectMeta(name="llmep-gateway"),
-                rules=[k8s.V1PolicyRule(api_groups=[GROUP], resources=[PLURAL], verbs=["get", "list", "watch"])],
-            ),
-        )
-        cluster.rbac.create_namespaced_role_binding(
-            ns,
-            k8s.V1RoleBinding(
-                metadata=k8s.V1ObjectMeta(name="llmep-gateway"),
-                role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="llmep-gateway"),
-                subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name="llmep-gateway", namespace=namespace)],
-            ),
-        )
-    cluster.core.create_namespaced_service_account(
-        namespace, k8s.V1ServiceAccount(metadata=k8s.V1ObjectMeta(name="llmep-gateway"))
-    )
-    cluster.rbac.create_namespaced_role(
-        namespace,
-        k8s.V1Role(
-            metadata=k8s.V1ObjectMeta(name="llmep-gateway"),
-            rules=[
-                k8s.V1PolicyRule(
-                    api_groups=[GROUP], resources=[PLURAL], verbs=["get", "list", "watch"]
-                ),
-                k8s.V1PolicyRule(api_groups=[""], resources=["secrets"], verbs=["list", "watch"]),
-            ],
-        ),
-    )
-    cluster.rbac.create_namespaced_role_binding(
-        namespace,
-        k8s.V1RoleBinding(
-            metadata=k8s.V1ObjectMeta(name="llmep-gateway"),
-            role_ref=k8s.V1RoleRef(
-                api_group="rbac.authorization.k8s.io", kind="Role", name="llmep-gateway"
-            ),
-            subjects=[
-                k8s.RbacV1Subject(kind="ServiceAccount", name="llmep-gateway", namespace=namespace)
-            ],
-        ),
-    )
-    token = cluster.token_for("llmep-gateway", namespace)
-    return cluster.kubeconfig_for_token(token, tmp_path / "gateway-kubeconfig", "llmep-gateway")
-
-
 async def start_backend() -> tuple[web.AppRunner, str]:
-    async def chat(request: web.Request) -> web.Response:
-        body = await request.json()
-        return web.json_response(
-            {
-                "id": "x",
-                "object": "chat.completion",
-                "created": 1,
-                "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "finish_reason": "stop",
-                        "message": {"role": "assistant", "content": "from the cluster"},
-                    }
-                ],
-            }
-        )
-
-    app = web.Application()
-    app.router.add_post("/v1/{tail:.*}", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    """A backend that answers "from the cluster"."""
+    return await start_openai_backend(lambda model: "from the cluster")
 
 
 def set_status(cluster, namespace: str, name: str, url: str, ready: bool) -> None:
-    cluster.custom.patch_namespaced_custom_object_status(
-        GROUP,
-        VERSION,
-        namespace,
-        PLURAL,
-        name,
-        {
-            "status": {
-                "url": url,
-                "models": [name, "chat-default"],
-                "replicas": {"desired": 1, "ready": 1 if ready else 0},
-                "conditions": [
-                    {
-                        "type": "Ready",
-                        "status": "True" if ready else "False",
-                        "reason": "Serving" if ready else "ScaledToZero",
-                        "message": "",
-                        "lastTransitionTime": "2026-01-01T00:00:00Z",
-                    }
-                ],
-            }
-        },
-    )
+    """Serving (or ScaledToZero) at `url`, under its name and the alias chat-default."""
+    set_endpoint_status(cluster, namespace, name, url=url, ready=ready, models=[name, "chat-default"])
 
 
 def b64(text: str) -> str:

@@ -4,52 +4,26 @@ restarts."""
 
 from __future__ import annotations
 
-import contextlib
-import secrets
 from pathlib import Path
 
 import pytest
 import yaml
 from kubernetes.client.rest import ApiException
 
+from llmep_operator.api import GROUP, PLURAL, VERSION
 from tests.cluster.conftest import wait_until
-from tests.cluster.operator_identity import operator_identity
 
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[2]
-HANDLERS = str(REPO / "operator" / "llmep_operator" / "handlers.py")
-CRD = REPO / "crds" / "llmendpoints.llmep.io.yaml"
 H100_NODES = {"gpu-h100-0", "gpu-h100-1"}
-GROUP, VERSION, PLURAL = "llmep.io", "v1alpha1", "llmendpoints"
-
-
-@pytest.fixture(scope="module")
-def crd(cluster):
-    cluster.apply_crd(CRD)
 
 
 @pytest.fixture
-def operator(cluster, namespace, crd, kopf_runner_as, monkeypatch):
-    """Start the operator as the chart's ServiceAccount; yields a function that (re)starts it."""
-    release = f"op-{secrets.token_hex(3)}"
-    account, rbac = operator_identity(cluster.bin_dir, release, namespace, f"watchNamespaces={{{namespace}}}")
-    cluster.apply(rbac)
+def operator(chart_operator):
+    """The operator as the chart's ServiceAccount; a function that (re)starts it."""
     # A short drift period so that a hand edit is corrected within the test's patience.
-    monkeypatch.setenv("LLMEP_DRIFT_CHECK_SECONDS", "3")
-
-    @contextlib.contextmanager
-    def run():
-        with kopf_runner_as(account, namespace, paths=(HANDLERS,), watch_namespaces=(namespace,)) as runner:
-            yield runner
-        assert runner.exception is None, runner.exception
-        assert "Traceback" not in runner.output, runner.output[-4000:]
-
-    yield run
-    for obj in rbac:
-        if obj["kind"].startswith("Cluster"):
-            with contextlib.suppress(Exception):
-                cluster.kubectl("delete", obj["kind"].lower(), obj["metadata"]["name"], "--ignore-not-found")
+    return chart_operator(drift_check_seconds=3)
 
 
 def _endpoint(name: str, **spec) -> dict:

@@ -11,54 +11,26 @@ KubeRay, kwok), the operator running as the chart's ServiceAccount:
 
 from __future__ import annotations
 
-import contextlib
-import secrets
 import time
-from pathlib import Path
 
 import pytest
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
+from llmep_operator.api import GROUP, PLURAL, VERSION
 from tests.cluster.conftest import wait_until
-from tests.cluster.operator_identity import operator_identity
 
 pytestmark = pytest.mark.cluster
 
-REPO = Path(__file__).resolve().parents[2]
-HANDLERS = str(REPO / "operator" / "llmep_operator" / "handlers.py")
-CRD = REPO / "crds" / "llmendpoints.llmep.io.yaml"
-GROUP, VERSION, PLURAL = "llmep.io", "v1alpha1", "llmendpoints"
 DRIFT_CHECK_SECONDS = 600
 # A re-created child must be back well before the drift check could have done it.
 RECREATE_WITHIN_SECONDS = 10
 
 
-@pytest.fixture(scope="module")
-def crd(cluster):
-    cluster.apply_crd(CRD)
-
-
 @pytest.fixture
-def operator(cluster, namespace, crd, kopf_runner_as, monkeypatch):
-    """Start the operator as the chart's ServiceAccount, with a drift check too slow to matter."""
-    release = f"op-{secrets.token_hex(3)}"
-    account, rbac = operator_identity(cluster.bin_dir, release, namespace, f"watchNamespaces={{{namespace}}}")
-    cluster.apply(rbac)
-    monkeypatch.setenv("LLMEP_DRIFT_CHECK_SECONDS", str(DRIFT_CHECK_SECONDS))
-
-    @contextlib.contextmanager
-    def run():
-        with kopf_runner_as(account, namespace, paths=(HANDLERS,), watch_namespaces=(namespace,)) as runner:
-            yield runner
-        assert runner.exception is None, runner.exception
-        assert "Traceback" not in runner.output, runner.output[-4000:]
-
-    yield run
-    for obj in rbac:
-        if obj["kind"].startswith("Cluster"):
-            with contextlib.suppress(Exception):
-                cluster.kubectl("delete", obj["kind"].lower(), obj["metadata"]["name"], "--ignore-not-found")
+def operator(chart_operator):
+    """The operator as the chart's ServiceAccount, with a drift check too slow to matter."""
+    return chart_operator(drift_check_seconds=DRIFT_CHECK_SECONDS)
 
 
 def _endpoint(name: str, **spec) -> dict:

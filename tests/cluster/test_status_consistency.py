@@ -13,13 +13,14 @@ import pytest
 import urllib3
 from kubernetes import watch
 
+from llmep_operator.api import GROUP, PLURAL, VERSION
 from tests.cluster import test_operator
 from tests.cluster.conftest import wait_until
-from tests.cluster.test_operator import GROUP, PLURAL, VERSION, _condition, _endpoint, _get
+from tests.cluster.test_operator import _condition, _endpoint, _get
 
 pytestmark = pytest.mark.cluster
-# The operator as the chart's ServiceAccount, shared with the operator tests.
-crd, operator = test_operator.crd, test_operator.operator
+# The operator as the chart's ServiceAccount, with the operator tests' drift period.
+operator = test_operator.operator
 
 WORKERS = 6
 

@@ -13,28 +13,21 @@ created with fieldValidation=Strict, as kubectl does, so unknown fields are refu
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kubernetes.client.rest import ApiException
 
+from llmep_operator.api import GROUP, PLURAL, VERSION
 from tests.cluster.conftest import wait_until
-from tests.cluster.operator_identity import operator_identity
 
 pytestmark = pytest.mark.timeout(420)
 
-REPO = Path(__file__).resolve().parents[2]
-HANDLERS = str(REPO / "operator" / "llmep_operator" / "handlers.py")
-CRD = REPO / "crds" / "llmendpoints.llmep.io.yaml"
-GROUP, VERSION, PLURAL = "llmep.io", "v1alpha1", "llmendpoints"
 EXAMPLES = int(os.environ.get("LLMEP_SPEC_FUZZ_EXAMPLES", "400"))
 BATCH = 8  # admitted endpoints alive at once
 
@@ -132,22 +125,11 @@ metadata_names = st.one_of(
 
 
 @pytest.fixture
-def operator(cluster, namespace, kopf_runner_as, monkeypatch):
-    cluster.apply_crd(CRD)
-    account, rbac = operator_identity(
-        cluster.bin_dir, f"fz-{secrets.token_hex(3)}", namespace, f"watchNamespaces={{{namespace}}}"
-    )
-    cluster.apply(rbac)
-    monkeypatch.setenv("LLMEP_DRIFT_CHECK_SECONDS", "30")
-    with kopf_runner_as(account, namespace, paths=(HANDLERS,), watch_namespaces=(namespace,)) as r:
+def operator(chart_operator):
+    """The operator as the chart's ServiceAccount, running through the test; once it has stopped,
+    chart_operator asserts that it raised nothing and logged no traceback."""
+    with chart_operator(drift_check_seconds=30)() as r:
         yield r
-    # Read once the operator has stopped (KopfRunner's exception and output wait for that).
-    assert r.exception is None, r.exception
-    assert "Traceback" not in r.output, r.output[r.output.find("Traceback") - 2000 :][:6000]
-    for obj in rbac:
-        if obj["kind"].startswith("Cluster"):
-            with contextlib.suppress(Exception):
-                cluster.kubectl("delete", obj["kind"].lower(), obj["metadata"]["name"], "--ignore-not-found")
 
 
 def test_every_generated_spec_is_rejected_with_a_field_path_or_reconciled_cleanly(cluster, namespace, operator):
