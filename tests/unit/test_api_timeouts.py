@@ -6,10 +6,8 @@ handshake and then nothing comes back, which is what a dropped connection looks 
 
 from __future__ import annotations
 
-import http.server
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -24,6 +22,7 @@ from llmep_operator import handlers
 from llmep_operator.kube import BoundedApiClient, Kube
 from llmep_operator.runner import RENEW_DEADLINE_SECONDS, _lease_lock
 from llmep_operator.settings import ApiTimeouts, OperatorSettings
+from tests.unit.stand_in_api import stand_in_api
 
 pytestmark = pytest.mark.unit
 NOW = str(datetime.now())
@@ -119,27 +118,10 @@ def refusing_server(request) -> Iterator[tuple[int, str]]:
     code = request.param
     reason, message = REFUSALS[code]
 
-    class Refusing(http.server.BaseHTTPRequestHandler):
-        def _refuse(self) -> None:
-            status = {"kind": "Status", "status": "Failure", "message": message, "reason": reason, "code": code}
-            body = json.dumps(status)
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body.encode())
-
-        do_GET = do_PATCH = do_POST = _refuse
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", f"API server answered {code} {reason}: {message}"
-    server.shutdown()
-    server.server_close()
+    status = {"kind": "Status", "status": "Failure", "message": message, "reason": reason, "code": code}
+    body = json.dumps(status).encode()
+    with stand_in_api(lambda method, path, sent: (code, "application/json", body)) as url:
+        yield url, f"API server answered {code} {reason}: {message}"
 
 
 def test_a_refusal_is_retried_slowly_with_the_servers_message_and_no_traceback(refusing_server, monkeypatch):

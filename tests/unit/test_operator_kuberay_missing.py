@@ -11,9 +11,7 @@ fault is produced here. Every other path is answered as a successful server-side
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 from collections.abc import Iterator
 
 import kopf
@@ -25,6 +23,7 @@ from llmep_operator.errors import NotYet
 from llmep_operator.kube import BoundedApiClient, Kube
 from llmep_operator.reconcile import reconcile
 from llmep_operator.settings import ApiTimeouts, OperatorSettings
+from tests.unit.stand_in_api import stand_in_api
 
 pytestmark = pytest.mark.unit
 MESSAGE = "the RayService CRD (ray.io/v1) is not installed: install KubeRay first"
@@ -40,36 +39,18 @@ BODY = {
 def api_without_kuberay() -> Iterator[tuple[str, list[tuple[str, str]]]]:
     requests: list[tuple[str, str]] = []
 
-    class ApiServer(http.server.BaseHTTPRequestHandler):
-        def _answer(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            sent = self.rfile.read(length) if length else b""
-            requests.append((self.command, self.path))
-            if self.path.startswith("/apis/ray.io/"):
-                code, content_type, body = 404, "text/plain; charset=utf-8", b"404 page not found\n"
-            elif self.command == "PATCH":  # a server-side apply: the object as stored
-                obj = json.loads(sent or b"{}")
-                obj.setdefault("metadata", {}).update(uid="child-uid", resourceVersion="1")
-                code, content_type, body = 200, "application/json", json.dumps(obj).encode()
-            else:
-                code, content_type, body = 200, "application/json", b'{"kind": "List", "items": []}'
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(method: str, path: str, sent: bytes) -> tuple[int, str, bytes]:
+        requests.append((method, path))
+        if path.startswith("/apis/ray.io/"):
+            return 404, "text/plain; charset=utf-8", b"404 page not found\n"
+        if method == "PATCH":  # a server-side apply: the object as stored
+            obj = json.loads(sent or b"{}")
+            obj.setdefault("metadata", {}).update(uid="child-uid", resourceVersion="1")
+            return 200, "application/json", json.dumps(obj).encode()
+        return 200, "application/json", b'{"kind": "List", "items": []}'
 
-        do_GET = do_PATCH = do_POST = _answer
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ApiServer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", requests
-    server.shutdown()
-    server.server_close()
+    with stand_in_api(answer) as url:
+        yield url, requests
 
 
 def _kube(url: str) -> Kube:
