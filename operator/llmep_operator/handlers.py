@@ -15,7 +15,7 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from llmep_operator import naming
-from llmep_operator.api import GROUP, PLURAL, VERSION
+from llmep_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from llmep_operator.errors import InvalidSpec, NotYet
 from llmep_operator.kube import Kube
 from llmep_operator.reconcile import reconcile, refresh_status
@@ -140,7 +140,7 @@ def _correct_drift(body: dict[str, Any]) -> None:
         log.warning("drift check of %s/%s failed: %s", meta["namespace"], meta["name"], _api_failure(error)[0])
 
 
-@kopf.on.event("ray.io", "v1", "rayservices", labels={naming.ENDPOINT_LABEL: kopf.PRESENT})
+@kopf.on.event(naming.RAY_GROUP, naming.RAY_VERSION, "rayservices", labels={naming.ENDPOINT_LABEL: kopf.PRESENT})
 @kopf.on.event("", "v1", "services", labels={naming.ENDPOINT_LABEL: kopf.PRESENT})
 def child_changed(event: kopf.RawEvent, labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
     namespace = cast(str, namespace)  # namespaced kinds: kopf always passes the namespace
@@ -172,7 +172,7 @@ def _skip(error: ApiException | urllib3.exceptions.HTTPError, namespace: str, na
 
 
 def _resync(namespace: str, name: str) -> None:
-    body = kube().get(f"{GROUP}/{VERSION}", "LLMEndpoint", namespace, name)
+    body = kube().get(API_VERSION, KIND, namespace, name)
     if body and not body["metadata"].get("deletionTimestamp"):
         try:
             reconcile(body, kube(), SETTINGS)

@@ -12,19 +12,19 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from llmep_operator import naming
-from llmep_operator.api import GROUP, KIND, PLURAL, VERSION
+from llmep_operator.api import API_VERSION, KIND, PLURAL
 from llmep_operator.settings import ApiTimeouts
 
 log = logging.getLogger(__name__)
 
 # (apiVersion, kind) -> URL path segments for the few kinds the operator manages.
 _RESOURCES = {
-    ("ray.io/v1", "RayService"): ("/apis/ray.io/v1", "rayservices"),
-    ("ray.io/v1", "RayCluster"): ("/apis/ray.io/v1", "rayclusters"),
+    (naming.RAY_API_VERSION, "RayService"): (f"/apis/{naming.RAY_API_VERSION}", "rayservices"),
+    (naming.RAY_API_VERSION, "RayCluster"): (f"/apis/{naming.RAY_API_VERSION}", "rayclusters"),
     ("v1", "Service"): ("/api/v1", "services"),
     ("v1", "PersistentVolumeClaim"): ("/api/v1", "persistentvolumeclaims"),
     ("networking.k8s.io/v1", "NetworkPolicy"): ("/apis/networking.k8s.io/v1", "networkpolicies"),
-    (f"{GROUP}/{VERSION}", KIND): (f"/apis/{GROUP}/{VERSION}", PLURAL),
+    (API_VERSION, KIND): (f"/apis/{API_VERSION}", PLURAL),
 }
 
 
@@ -135,7 +135,7 @@ class Kube:
     def patch_status(self, namespace: str, name: str, status: dict[str, Any], resource_version: str) -> None:
         """Merge-patch status, only over `resource_version`: the API server answers 409 Conflict
         when anything changed the endpoint since, so a writer never overwrites a newer status."""
-        path = self._path(f"{GROUP}/{VERSION}", KIND, namespace, name) + "/status"
+        path = self._path(API_VERSION, KIND, namespace, name) + "/status"
         body = {"metadata": {"resourceVersion": resource_version}, "status": status}
         self._call("PATCH", path, body, content_type="application/merge-patch+json")
 
@@ -145,7 +145,7 @@ class Kube:
         event = client.CoreV1Event(
             metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
             involved_object=client.V1ObjectReference(
-                api_version=f"{GROUP}/{VERSION}",
+                api_version=API_VERSION,
                 kind=KIND,
                 name=meta["name"],
                 namespace=meta["namespace"],

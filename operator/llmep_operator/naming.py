@@ -8,6 +8,9 @@ ENDPOINT_LABEL = f"{GROUP}/endpoint"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "llmep-operator"
 COMPONENT_LABEL = "app.kubernetes.io/component"
+# KubeRay's RayService and RayCluster.
+RAY_GROUP, RAY_VERSION = "ray.io", "v1"
+RAY_API_VERSION = f"{RAY_GROUP}/{RAY_VERSION}"
 SERVE_LABEL = "ray.io/serve"  # KubeRay marks pods whose Serve proxy is healthy
 WORKER_GROUP = "workers"
 APP_NAME = "llm"

@@ -17,7 +17,7 @@ from llmep_operator.api import GROUP, KIND, VERSION, SpecError, parse_endpoint
 from llmep_operator.errors import InvalidSpec, NotYet
 from llmep_operator.kube import Kube
 from llmep_operator.render import make_plan
-from llmep_operator.render.rayservice import RAY_API_VERSION, children_for
+from llmep_operator.render.rayservice import children_for
 from llmep_operator.settings import OperatorSettings
 from llmep_operator.status import Observation, build_status, ready_transition, status_patch
 from llmep_operator.worker_bounds import bounds_patch, cluster_names, wanted_bounds
@@ -52,7 +52,8 @@ def _observation(body: dict[str, Any], settings: OperatorSettings) -> tuple[Obse
 def _observe_cluster(
     kube: Kube, obs: Observation, namespace: str, name: str, rayservice: dict[str, Any] | None = None
 ) -> None:
-    obs.rayservice = rayservice or kube.get(RAY_API_VERSION, "RayService", namespace, naming.rayservice_name(name))
+    rayservice_name = naming.rayservice_name(name)
+    obs.rayservice = rayservice or kube.get(naming.RAY_API_VERSION, "RayService", namespace, rayservice_name)
     obs.pods = kube.pods_of(namespace, name)
 
 
@@ -61,11 +62,11 @@ def _sync_worker_bounds(kube: Kube, rayservice: dict[str, Any]) -> None:
     namespace = rayservice["metadata"]["namespace"]
     wanted = wanted_bounds(rayservice)
     for name in cluster_names(rayservice):
-        cluster = kube.get(RAY_API_VERSION, "RayCluster", namespace, name)
+        cluster = kube.get(naming.RAY_API_VERSION, "RayCluster", namespace, name)
         ops = bounds_patch(cluster, wanted) if cluster else []
         if ops:
             log.info("setting worker bounds of RayCluster %s/%s: %s", namespace, name, ops)
-            kube.json_patch(RAY_API_VERSION, "RayCluster", namespace, name, ops)
+            kube.json_patch(naming.RAY_API_VERSION, "RayCluster", namespace, name, ops)
 
 
 def _current(kube: Kube, namespace: str, name: str) -> dict[str, Any] | None:
@@ -163,7 +164,8 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> d
             result = kube.apply(child)
         except ApiException as error:
             if error.status == 404 and child["kind"] == "RayService":
-                raise NotYet("the RayService CRD (ray.io/v1) is not installed: install KubeRay first") from None
+                missing = f"the RayService CRD ({naming.RAY_API_VERSION}) is not installed: install KubeRay first"
+                raise NotYet(missing) from None
             raise
         if child["kind"] == "RayService":
             applied_rayservice = result

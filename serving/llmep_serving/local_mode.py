@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 import yaml
 
-from llmep_operator.api import SpecError, parse_endpoint
+from llmep_operator.api import API_VERSION, KIND, SpecError, parse_endpoint
+from llmep_operator.api.models import MAX_NAME_LENGTH
 from llmep_operator.errors import InvalidSpec
 from llmep_operator.render import build_ray_app
 from llmep_operator.settings import OperatorSettings
@@ -106,16 +107,13 @@ def endpoint_manifest(args: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(manifest, dict):
             raise ServeError(f"{args.file} does not hold one LLMEndpoint object")
     else:
-        name = (
-            "tiny"
-            if args.demo
-            else re.sub(r"[^a-z0-9-]+", "-", Path(args.model or "model").name.lower()).strip("-")[:40] or "model"
-        )
+        derived = re.sub(r"[^a-z0-9-]+", "-", Path(args.model or "model").name.lower()).strip("-")
+        name = "tiny" if args.demo else derived[:MAX_NAME_LENGTH] or "model"
         if not name[0].isalpha():
-            name = f"m-{name}"[:40]
+            name = f"m-{name}"[:MAX_NAME_LENGTH]
         manifest = {
-            "apiVersion": "llmep.io/v1alpha1",
-            "kind": "LLMEndpoint",
+            "apiVersion": API_VERSION,
+            "kind": KIND,
             "metadata": {"name": name},
             "spec": {"model": {"source": "file:///unset"}, "engine": {"maxModelLen": 256 if args.demo else None}},
         }

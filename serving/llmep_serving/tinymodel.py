@@ -262,9 +262,11 @@ def tiny_endpoint_manifest(
         spec["routing"] = dict(routing)
     if extra_args:
         spec["engine"]["extraArgs"] = dict(extra_args)
+    from llmep_operator.api import API_VERSION, KIND
+
     return {
-        "apiVersion": "llmep.io/v1alpha1",
-        "kind": "LLMEndpoint",
+        "apiVersion": API_VERSION,
+        "kind": KIND,
         "metadata": {"name": name, "namespace": namespace},
         "spec": spec,
     }

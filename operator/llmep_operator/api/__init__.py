@@ -1,6 +1,7 @@
 """The LLMEndpoint API (pydantic models; the generated CRD follows them)."""
 
 from llmep_operator.api.models import (
+    API_VERSION,
     GROUP,
     KIND,
     PLURAL,
@@ -25,6 +26,7 @@ from llmep_operator.api.models import (
 from llmep_operator.api.validation import SpecError, parse_endpoint
 
 __all__ = [
+    "API_VERSION",
     "GROUP",
     "KIND",
     "PLURAL",

@@ -19,6 +19,7 @@ from pydantic.config import JsonDict
 
 GROUP = "llmep.io"
 VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
 KIND: Final = "LLMEndpoint"
 PLURAL = "llmendpoints"
 SINGULAR = "llmendpoint"

@@ -18,8 +18,6 @@ from llmep_operator.render.security import (
 from llmep_operator.render.serve_config import render_serve_config, serve_config_for
 from llmep_operator.settings import OperatorSettings
 
-RAY_API_VERSION = "ray.io/v1"
-
 
 def owner_reference(endpoint: LLMEndpoint, uid: str) -> dict[str, Any]:
     return {
@@ -159,7 +157,7 @@ def build_rayservice(endpoint: LLMEndpoint, settings: OperatorSettings, owner_ui
 def _rayservice(plan: ServingPlan, settings: OperatorSettings, owner_uid: str | None) -> dict[str, Any]:
     serve_config = serve_config_for(plan, settings)
     return {
-        "apiVersion": RAY_API_VERSION,
+        "apiVersion": naming.RAY_API_VERSION,
         "kind": "RayService",
         "metadata": _metadata(plan, naming.rayservice_name(plan.name), owner_uid),
         "spec": {

@@ -18,13 +18,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from llmep_operator.api import GROUP, PLURAL, VERSION
+
 from .auth import KEY_LABEL, ApiKey, key_from_secret
 from .routing import Backend
 from .settings import DEFAULT_BACKEND_URL_TEMPLATE
 
 log = logging.getLogger(__name__)
 
-GROUP, VERSION, PLURAL = "llmep.io", "v1alpha1", "llmendpoints"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 FIRST_RETRY_DELAY_S = 0.5
 
