@@ -32,16 +32,36 @@ class Observation:
     pods: list[dict[str, Any]] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Verdict:
+    """Ready with its reason and message, and what Progressing and Degraded say beside it."""
+
     ready: bool
     reason: Reason
     message: str
-    progressing: bool
-    progressing_reason: Reason
-    degraded: bool
-    degraded_reason: Reason
+    progressing: bool = False
+    progressing_reason: Reason = Reason.AS_EXPECTED
+    degraded: bool = False
+    degraded_reason: Reason = Reason.AS_EXPECTED
     degraded_message: str = ""
+
+
+def _on_the_way(reason: Reason, message: str) -> Verdict:
+    """Not ready yet, and progressing for the same reason."""
+    return Verdict(ready=False, reason=reason, message=message, progressing=True, progressing_reason=reason)
+
+
+def _failed(reason: Reason, message: str, *, ready: bool = False) -> Verdict:
+    """Degraded (and not progressing) for `reason`; Ready as the cluster shows it."""
+    return Verdict(
+        ready=ready,
+        reason=reason,
+        message=message,
+        progressing_reason=reason,
+        degraded=True,
+        degraded_reason=reason,
+        degraded_message=message,
+    )
 
 
 def _condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:
@@ -91,13 +111,9 @@ def _app_status(rayservice: dict[str, Any]) -> tuple[str, str]:
 
 def judge(obs: Observation) -> Verdict:
     if obs.invalid:
-        return Verdict(
-            False, Reason.INVALID_SPEC, obs.invalid, False, Reason.INVALID_SPEC, True, Reason.INVALID_SPEC, obs.invalid
-        )
+        return _failed(Reason.INVALID_SPEC, obs.invalid)
     if obs.rayservice is None:
-        return Verdict(
-            False, Reason.RECONCILING, "creating the RayService", True, Reason.RECONCILING, False, Reason.AS_EXPECTED
-        )
+        return _on_the_way(Reason.RECONCILING, "creating the RayService")
 
     _, ready_replicas = replica_counts(obs)
     pending = unschedulable_reason(obs.pods)
@@ -109,14 +125,12 @@ def judge(obs: Observation) -> Verdict:
 
     if app_status in APP_FAILED:
         message = f"Ray Serve application is {app_status}: {app_message}".rstrip(": ")
-        return Verdict(
-            serving, Reason.BACKEND_FAILED, message, False, Reason.BACKEND_FAILED, True, Reason.BACKEND_FAILED, message
-        )
+        return _failed(Reason.BACKEND_FAILED, message, ready=serving)
     if serving and ready_replicas == 0 and obs.min_replicas > 0:
         # KubeRay marks the head ready as soon as its HTTP ingress answers, before any model
         # replica can: Ready waits for a replica, unless the endpoint may scale to zero.
         message = app_message or "the Ray cluster answers; no model replica is ready yet"
-        return Verdict(False, Reason.LOADING_MODEL, message, True, Reason.LOADING_MODEL, False, Reason.AS_EXPECTED)
+        return _on_the_way(Reason.LOADING_MODEL, message)
     if serving:
         scaled_to_zero = ready_replicas == 0 and obs.min_replicas == 0
         reason = Reason.SCALED_TO_ZERO if scaled_to_zero else Reason.SERVING
@@ -126,20 +140,18 @@ def judge(obs: Observation) -> Verdict:
             else f"{ready_replicas} replica(s) serving"
         )
         if pending:  # scaling up, but a new GPU worker has nowhere to go
-            return Verdict(True, reason, message, True, Reason.WAITING_FOR_GPU_NODE, False, Reason.AS_EXPECTED)
-        return Verdict(True, reason, message, False, Reason.AS_EXPECTED, False, Reason.AS_EXPECTED)
+            waiting = Reason.WAITING_FOR_GPU_NODE
+            return Verdict(ready=True, reason=reason, message=message, progressing=True, progressing_reason=waiting)
+        return Verdict(ready=True, reason=reason, message=message)
     if pending:
-        return Verdict(
-            False, Reason.WAITING_FOR_GPU_NODE, pending, True, Reason.WAITING_FOR_GPU_NODE, False, Reason.AS_EXPECTED
-        )
+        return _on_the_way(Reason.WAITING_FOR_GPU_NODE, pending)
     workers = [p for p in obs.pods if _is_worker(p)]
     if workers and all(_pod_ready(p) for p in workers):
-        message = app_message or "workers are up; Ray Serve is loading the model"
-        return Verdict(False, Reason.LOADING_MODEL, message, True, Reason.LOADING_MODEL, False, Reason.AS_EXPECTED)
+        return _on_the_way(Reason.LOADING_MODEL, app_message or "workers are up; Ray Serve is loading the model")
     message = app_message or (
         f"Ray Serve application is {app_status}" if app_status else "waiting for the Ray cluster to start"
     )
-    return Verdict(False, Reason.DEPLOYING, message, True, Reason.DEPLOYING, False, Reason.AS_EXPECTED)
+    return _on_the_way(Reason.DEPLOYING, message)
 
 
 def _merge_condition(
