@@ -11,9 +11,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from llmep_operator import naming
-from llmep_operator.api import Reason
+from llmep_operator.api import ConditionType, Reason
+from llmep_operator.api.conditions import condition, is_true
 
-READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
+READY, PROGRESSING, DEGRADED = ConditionType.READY.value, ConditionType.PROGRESSING.value, ConditionType.DEGRADED.value
 APP_FAILED = {"DEPLOY_FAILED", "UNHEALTHY"}
 WARNING_REASONS = {Reason.INVALID_SPEC, Reason.WAITING_FOR_GPU_NODE, Reason.BACKEND_FAILED}
 
@@ -64,28 +65,19 @@ def _failed(reason: Reason, message: str, *, ready: bool = False) -> Verdict:
     )
 
 
-def _condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:
-    cond: dict[str, Any]
-    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
-        if cond.get("type") == kind:
-            return cond
-    return None
-
-
 def _is_worker(pod: dict[str, Any]) -> bool:
     return (pod.get("metadata", {}).get("labels") or {}).get("ray.io/node-type") == "worker"
 
 
 def _pod_ready(pod: dict[str, Any]) -> bool:
-    cond = _condition(pod, "Ready")
-    return bool(cond and cond.get("status") == "True")
+    return is_true(pod.get("status"), "Ready")
 
 
 def unschedulable_reason(pods: list[dict[str, Any]]) -> str | None:
     """The scheduler's own words for the first pod it could not place."""
     for pod in pods:
-        cond = _condition(pod, "PodScheduled")
-        if cond and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+        cond = condition(pod.get("status"), "PodScheduled")
+        if cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
             name = pod.get("metadata", {}).get("name", "a pod")
             return f"pod {name} cannot be scheduled: {cond.get('message', 'no node fits')}"
     return None
@@ -118,10 +110,8 @@ def judge(obs: Observation) -> Verdict:
     _, ready_replicas = replica_counts(obs)
     pending = unschedulable_reason(obs.pods)
     app_status, app_message = _app_status(obs.rayservice)
-    kuberay_ready = _condition(obs.rayservice, "Ready")
-    serving = bool(kuberay_ready and kuberay_ready.get("status") == "True") or (
-        (obs.rayservice.get("status") or {}).get("serviceStatus") == "Running"
-    )
+    rayservice_status = obs.rayservice.get("status") or {}
+    serving = is_true(rayservice_status, "Ready") or rayservice_status.get("serviceStatus") == "Running"
 
     if app_status in APP_FAILED:
         message = f"Ray Serve application is {app_status}: {app_message}".rstrip(": ")
@@ -224,10 +214,7 @@ def status_patch(old_status: dict[str, Any] | None, new_status: dict[str, Any]) 
 def ready_transition(old_status: dict[str, Any] | None, new_status: dict[str, Any]) -> tuple[str, str, str] | None:
     """(event type, reason, message) when Ready's status or reason changed, else None."""
 
-    def ready_of(status: dict[str, Any] | None) -> dict[str, Any]:
-        return next((c for c in (status or {}).get("conditions") or [] if c.get("type") == READY), {})
-
-    old, new = ready_of(old_status), ready_of(new_status)
+    old, new = condition(old_status, READY), condition(new_status, READY)
     if (old.get("status"), old.get("reason")) == (new.get("status"), new.get("reason")):
         return None
     reason = Reason(new["reason"])

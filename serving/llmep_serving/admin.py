@@ -11,7 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from llmep_operator.api import GROUP, PLURAL, VERSION
+from llmep_operator.api import GROUP, PLURAL, VERSION, ConditionType
+from llmep_operator.api.conditions import condition
 from llmep_serving.gateway.auth import KEY_LABEL
 
 KEY_PREFIX = "sk-llmep-"
@@ -27,10 +28,6 @@ def _clients() -> tuple[Any, Any]:
 
     api = client.ApiClient(load_config())
     return client.CoreV1Api(api), client.CustomObjectsApi(api)
-
-
-def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
-    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("type") == kind), {})
 
 
 def status(args: argparse.Namespace) -> int:
@@ -55,12 +52,12 @@ def status(args: argparse.Namespace) -> int:
     not_ready = 0
     for obj in sorted(items, key=lambda o: (o["metadata"]["namespace"], o["metadata"]["name"])):
         meta, st = obj["metadata"], obj.get("status") or {}
-        ready = _condition(obj, "Ready")
+        ready = condition(st, ConditionType.READY)
         stale = st.get("observedGeneration") != meta.get("generation")
         replicas = st.get("replicas") or {}
         state = f"{ready.get('status', 'Unknown')} ({ready.get('reason', 'not reconciled yet')})"
         detail = ready.get("message", "")
-        degraded = _condition(obj, "Degraded")
+        degraded = condition(st, ConditionType.DEGRADED)
         if degraded.get("status") == "True" and degraded.get("message") and degraded["message"] != detail:
             detail += f"\nDegraded: {degraded['message']}"
         if stale:

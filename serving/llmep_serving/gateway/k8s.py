@@ -18,7 +18,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from llmep_operator.api import GROUP, PLURAL, VERSION
+from llmep_operator.api import GROUP, PLURAL, VERSION, ConditionType
+from llmep_operator.api.conditions import is_true
 
 from .auth import KEY_LABEL, ApiKey, key_from_secret
 from .routing import Backend
@@ -42,11 +43,7 @@ def _created(meta: Mapping[str, Any]) -> float:
 
 def is_ready(status: Mapping[str, Any]) -> bool:
     """Ready condition True and, where the status counts replicas, at least one ready."""
-    conditions = status.get("conditions")
-    ready = isinstance(conditions, list) and any(
-        isinstance(c, dict) and c.get("type") == "Ready" and c.get("status") == "True"
-        for c in conditions
-    )
+    ready = is_true(status, ConditionType.READY)
     replicas = status.get("replicas")
     if isinstance(replicas, dict) and isinstance(replicas.get("ready"), int):
         ready = ready and replicas["ready"] > 0
