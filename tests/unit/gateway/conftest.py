@@ -175,9 +175,14 @@ class RunningGateway:
                         return False
             return True
 
-        async with asyncio.timeout(5):
-            while not loaded():
-                await asyncio.sleep(0.01)
+        await until(loaded)
+
+
+async def until(predicate: Callable[[], object], timeout: float = 5.0) -> None:
+    """Poll `predicate` every 10 ms until it is true; TimeoutError after `timeout` seconds."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
 
 
 def write_yaml(path: Path, data: Any) -> None:

@@ -13,17 +13,13 @@ import httpx
 import openai
 import pytest
 
+from tests.unit.gateway.conftest import until
+
 pytestmark = [pytest.mark.unit, pytest.mark.asyncio]
 
 
 def client(base_url: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0)
-
-
-async def until(predicate, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 def held(gw) -> float:

@@ -13,6 +13,8 @@ import httpx
 import openai
 import pytest
 
+from tests.unit.gateway.conftest import until
+
 pytestmark = [pytest.mark.unit, pytest.mark.asyncio]
 
 PAD = "x" * 600  # a body of about 700 bytes
@@ -20,12 +22,6 @@ PAD = "x" * 600  # a body of about 700 bytes
 
 def client(base_url: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0)
-
-
-async def until(predicate, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def test_a_body_larger_than_the_whole_budget_is_413_naming_the_setting(backend_factory, gateway_factory):

@@ -13,6 +13,8 @@ import httpx
 import openai
 import pytest
 
+from tests.unit.gateway.conftest import until
+
 pytestmark = [pytest.mark.unit, pytest.mark.asyncio]
 
 GOOD_KEY = "sk-good-0123456789"
@@ -236,12 +238,6 @@ async def test_routing_table_changes_apply_without_restart(backend_factory, gate
     assert before.choices[0].message.content == "from backend-a"
     assert after.choices[0].message.content == "from backend-b"
     assert added.choices[0].message.content == "from backend-a"
-
-
-async def until(predicate, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def test_an_invalid_routes_file_keeps_the_last_good_table(

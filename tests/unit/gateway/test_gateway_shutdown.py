@@ -16,6 +16,8 @@ import httpx
 import openai
 import pytest
 
+from tests.unit.gateway.conftest import until
+
 pytestmark = [pytest.mark.unit, pytest.mark.asyncio]
 
 CUT_EVENT = (
@@ -23,12 +25,6 @@ CUT_EVENT = (
     'is over; retry.", "type": "server_error", "param": null, "code": "gateway_shutting_down"}}\n\n'
     "data: [DONE]\n\n"
 )
-
-
-async def until(predicate, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def test_requests_finish_within_the_grace_period_and_the_rest_are_cut_cleanly(
@@ -55,7 +51,7 @@ async def test_requests_finish_within_the_grace_period_and_the_rest_are_cut_clea
         stream_task = asyncio.create_task(post("slow", stream=True))
         slow_task = asyncio.create_task(post("slow"))
         held_task = asyncio.create_task(post("cold"))
-        await until(lambda: len(slow.requests) == 2 and gw.server.metrics.model("cold").held == 1)
+        await until(lambda: len(slow.requests) == 2 and gw.server.metrics.model("cold").held == 1, timeout=10)
         stopping_at = loop.time()
         stopper = asyncio.create_task(gw.server.drain())
         quick_reply = await post("quick")  # arrives while draining: still served
@@ -73,7 +69,7 @@ async def test_requests_finish_within_the_grace_period_and_the_rest_are_cut_clea
         assert reply.status_code == 503
         assert reply.json()["error"]["code"] == "gateway_shutting_down"
     assert stopped_after >= 0.2 + 1.0  # nothing was cut before drain_seconds + shutdown_grace_seconds
-    await until(lambda: slow.disconnects == 1)  # the cut stream's backend request was cancelled
+    await until(lambda: slow.disconnects == 1, timeout=10)  # the cut stream's backend request was cancelled
 
 
 async def test_a_request_that_finishes_within_the_grace_period_is_answered_whole(
@@ -83,7 +79,7 @@ async def test_a_request_that_finishes_within_the_grace_period_is_answered_whole
     gw = await gateway_factory([{"models": ["m"], "url": backend.url}], drain_seconds=0, shutdown_grace_seconds=5)
     client = openai.AsyncOpenAI(base_url=gw.url, api_key="unused", max_retries=0)
     request = asyncio.create_task(client.chat.completions.create(model="m", messages=[]))
-    await until(lambda: len(backend.requests) == 1)
+    await until(lambda: len(backend.requests) == 1, timeout=10)
 
     await gw.server.stop()
 
@@ -109,7 +105,7 @@ async def test_a_stream_whose_client_stopped_reading_is_dropped_and_its_slot_fre
     await writer.drain()
     assert (await reader.readline()).startswith(b"HTTP/1.1 200")  # then it never reads again
 
-    await until(lambda: backend.disconnects == 1)
+    await until(lambda: backend.disconnects == 1, timeout=10)
     client = openai.AsyncOpenAI(base_url=gw.url, api_key="sk-a", max_retries=0)
     after = await client.chat.completions.create(model="m", messages=[])
     async with httpx.AsyncClient() as h:
