@@ -18,6 +18,7 @@ Fixtures:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -27,10 +28,11 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import openai
 import pytest
 import yaml
 from kubernetes import client as k8s
@@ -77,6 +79,27 @@ def wait_until(
             detail = f"; last error: {last_error.status} {last_error.reason}" if last_error else ""
             raise AssertionError(f"timed out after {timeout:.0f}s: {text}{detail}")
         time.sleep(interval)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T]],
+    timeout: float = 30.0,
+    what: str = "",
+    retry_on: tuple[type[BaseException], ...] = (openai.APIStatusError, AssertionError),
+) -> T:
+    """Await `check` every 0.2 s until it returns instead of raising one of `retry_on`; return
+    what it returned. Bounded even if a check hangs; on timeout fail with `what` and the last error."""
+    last: BaseException | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    return await check()
+                except retry_on as error:
+                    last = error
+                    await asyncio.sleep(0.2)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout:.0f}s: {what}; last: {last!r}") from None
 
 
 class Cluster:

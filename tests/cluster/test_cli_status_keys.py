@@ -27,6 +27,7 @@ from kubernetes import client as k8s
 from llmep_operator.api import GROUP, PLURAL, VERSION
 from llmep_serving.gateway import GatewayServer, GatewaySettings
 from tests.cluster.backend import start_openai_backend
+from tests.cluster.conftest import eventually
 from tests.cluster.endpoints import set_endpoint_status
 from tests.cluster.gateway_identity import gateway_identity
 
@@ -120,15 +121,8 @@ async def start_backend() -> tuple[web.AppRunner, str]:
     return await start_openai_backend(lambda model: f"hello from {model}")
 
 
-async def eventually(check, timeout: float = 30.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return await check()
-        except (openai.APIStatusError, openai.APIConnectionError, AssertionError) as error:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:.0f}s: {what}; last: {error!r}") from None
-            await asyncio.sleep(0.2)
+# The gateway may not listen yet when the first key is tried: connection errors are retried too.
+RETRY_ON = (openai.APIStatusError, openai.APIConnectionError, AssertionError)
 
 
 @pytest.mark.asyncio
@@ -173,7 +167,7 @@ async def test_keys_create_list_revoke_end_to_end_through_the_gateway(cluster, n
             assert await ask(key, "alpha") == "hello from alpha"
             return True
 
-        await eventually(answered, what="the new key to be accepted for alpha")
+        await eventually(answered, retry_on=RETRY_ON, what="the new key to be accepted for alpha")
         with pytest.raises(openai.NotFoundError):  # outside its scope: as if the model did not exist
             await ask(key, "beta")
 
@@ -204,7 +198,7 @@ async def test_keys_create_list_revoke_end_to_end_through_the_gateway(cluster, n
                 return time.monotonic() - revoked_at
             raise AssertionError("the revoked key is still accepted")
 
-        seconds = await eventually(refused, timeout=10, what="the gateway to refuse the revoked key")
+        seconds = await eventually(refused, timeout=10, retry_on=RETRY_ON, what="the gateway to refuse the revoked key")
         listed = await run("keys", "list", "-n", namespace)
         assert "app-a" not in listed.stdout
 

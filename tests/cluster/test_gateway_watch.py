@@ -23,6 +23,7 @@ from kubernetes import client as k8s
 from llmep_operator.api import GROUP, PLURAL, VERSION
 from llmep_serving.gateway import GatewayServer, GatewaySettings
 from tests.cluster.backend import start_openai_backend
+from tests.cluster.conftest import eventually
 from tests.cluster.endpoints import set_endpoint_status
 from tests.cluster.gateway_identity import gateway_identity
 from tests.conftest import FIXTURES, load_fixture
@@ -43,15 +44,6 @@ def set_status(cluster, namespace: str, name: str, url: str, ready: bool) -> Non
 
 def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
-
-
-async def eventually(check, timeout: float = 30.0):
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                return await check()
-            except (openai.APIStatusError, AssertionError):
-                await asyncio.sleep(0.2)
 
 
 async def test_gateway_follows_endpoints_and_key_secrets_live(cluster, namespace, crd, tmp_path):
