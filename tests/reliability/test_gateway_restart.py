@@ -34,7 +34,6 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +41,7 @@ import httpx
 import openai
 import pytest
 
+from tests.cluster.conftest import wait_until
 from tests.reliability.stack import Proc, free_port, start_backend, start_gateway
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(180)]
@@ -54,6 +54,7 @@ PER_GATEWAY = 30  # answers from a gateway before the next step: load that flows
 STREAM_CHUNKS = 12  # fake_openai_backend.STREAM_CHUNKS
 SLOW_DELAY = 0.05  # fake_openai_backend.SLOW_DELAY
 TIMER_SLACK_S = 0.1  # asyncio timers may fire up to a clock tick early
+POLL_S = 0.05  # the test measures drain timings to a tenth of a second
 
 
 def start_replica(port: int, name: str, logs: Path) -> tuple[Proc, Path]:
@@ -79,17 +80,6 @@ def gateway_args(routes: Path) -> tuple[str, ...]:
         "--drain-seconds", str(DRAIN_S),
         "--shutdown-grace-seconds", str(GRACE_S),
     )  # fmt: skip
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f}s: {what}")
-        time.sleep(0.05)
 
 
 def stop_all(procs: list[Proc]) -> None:
@@ -301,30 +291,47 @@ def test_gateway_restart_under_load(tmp_path: Path) -> None:
         endpoints.add("B", ports["B"])
         threads.append(threading.Thread(target=endpoints.poll, args=(stop,), daemon=True))
         threads[-1].start()
-        wait_until(lambda: endpoints.is_ready("A") and endpoints.is_ready("B"), 10, "A and B ready")
+        wait_until(
+            lambda: endpoints.is_ready("A") and endpoints.is_ready("B"),
+            timeout=10,
+            interval=POLL_S,
+            message="A and B ready",
+        )
         began = time.monotonic()
         for index in range(CLIENTS):
             threads.append(threading.Thread(target=client, args=(index, endpoints, stop, load), daemon=True))
             threads[-1].start()
         wait_until(
             lambda: load.ok("A") >= PER_GATEWAY and load.ok("B") >= PER_GATEWAY,
-            60,
-            f"{PER_GATEWAY} answers from each of A and B",
+            timeout=60,
+            interval=POLL_S,
+            message=f"{PER_GATEWAY} answers from each of A and B",
         )
 
         long_stream = LongStream(ports["A"])
         long_stream.thread.start()
-        wait_until(lambda: len(long_stream.events) >= 5, 10, "the long stream flowing on A")
-        wait_until(lambda: load.streaming_on("A"), 10, "a client's stream in flight on A")
+        wait_until(
+            lambda: len(long_stream.events) >= 5, timeout=10, interval=POLL_S, message="the long stream flowing on A"
+        )
+        wait_until(
+            lambda: load.streaming_on("A"), timeout=10, interval=POLL_S, message="a client's stream in flight on A"
+        )
 
         sigterm_at = time.monotonic()
         gateway_a.proc.send_signal(signal.SIGTERM)
-        wait_until(lambda: not endpoints.is_ready("A"), DRAIN_S, "A out of the endpoints while draining")
+        wait_until(
+            lambda: not endpoints.is_ready("A"),
+            timeout=DRAIN_S,
+            interval=POLL_S,
+            message="A out of the endpoints while draining",
+        )
         unready_at = time.monotonic()
         # The replacement pod: a new gateway on another port, in the endpoints once ready.
         procs.append(start_gateway(ports["A2"], tmp_path, *gateway_args(routes), name="gateway-A2"))
         endpoints.add("A2", ports["A2"])
-        wait_until(lambda: load.ok("A2") >= PER_GATEWAY, 60, f"{PER_GATEWAY} answers from A2")
+        wait_until(
+            lambda: load.ok("A2") >= PER_GATEWAY, timeout=60, interval=POLL_S, message=f"{PER_GATEWAY} answers from A2"
+        )
         a_exit = gateway_a.proc.wait(DRAIN_S + GRACE_S + 15)
         exited_at = time.monotonic()
         long_stream.thread.join(15)
@@ -427,8 +434,9 @@ def test_a_replica_crashing_mid_generation_is_not_sent_the_request_twice(tmp_pat
             took = time.monotonic() - began
             crashed = wait_until(
                 lambda: next((n for n, (p, _) in replicas.items() if p.proc.poll() is not None), None),
-                10,
-                "a replica exited",
+                timeout=10,
+                interval=POLL_S,
+                message="a replica exited",
             )
             entries = received(*(path for _, path in replicas.values()))
             times = sum(1 for e in entries if e["prompt"] == prompt)
