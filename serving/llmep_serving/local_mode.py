@@ -160,8 +160,18 @@ def _adopt_orphans() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
+def _gateway_stop_grace_s() -> float:
+    """Seconds between the gateway's SIGTERM and SIGKILL: its own drain and grace, as its
+    environment sets them, then the usual margin, so it is never killed in the middle of its cut."""
+    try:
+        return sum(float(os.environ.get(k, v)) for k, v in _GATEWAY_SHUTDOWN_DEFAULTS.items()) + _STOP_GRACE_S
+    except ValueError as error:
+        names = " and ".join(_GATEWAY_SHUTDOWN_DEFAULTS)
+        raise ServeError(f"{names} must be numbers of seconds: {error}") from None
+
+
 def _stop_everything_started(
-    gateway: subprocess.Popen[bytes] | None, local: LocalServe | None, gateway_grace_s: float = _STOP_GRACE_S
+    gateway: subprocess.Popen[bytes] | None, local: LocalServe | None, gateway_grace_s: float
 ) -> None:
     """The gateway, then the Ray cluster, then whatever of theirs is left: nothing survives."""
     import psutil  # ships with Ray and vLLM
@@ -191,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         endpoint = parse_endpoint(endpoint_manifest(args))
         # LLMEP_* variables tune it as they tune the operator (e.g. LLMEP_SERVING_PATH=proxy).
         rendered = build_ray_app(endpoint, OperatorSettings())
+        gateway_grace_s = _gateway_stop_grace_s()
     except (ServeError, SpecError, InvalidSpec) as error:
         print(f"llmep serve: {error}", file=sys.stderr)
         return 2
@@ -209,7 +220,6 @@ def run(args: argparse.Namespace) -> int:
     if endpoint.spec.model.source.startswith("file://"):
         env["HF_HUB_OFFLINE"] = "1"
     gateway = None
-    gateway_grace_s = _STOP_GRACE_S
     local = None
     with tempfile.TemporaryDirectory(prefix="llmep-serve-") as tmp:
         try:
@@ -239,8 +249,6 @@ def run(args: argparse.Namespace) -> int:
             else:
                 gateway_env["LLMEP_GATEWAY_ANONYMOUS"] = "true"
             gateway = subprocess.Popen([sys.executable, "-m", "llmep_serving.cli", "gateway"], env=gateway_env)
-            # SIGKILL only once the gateway's own drain and grace are over, never mid-cut.
-            gateway_grace_s = sum(float(gateway_env[k]) for k in _GATEWAY_SHUTDOWN_DEFAULTS) + _STOP_GRACE_S
             _wait_for_gateway(f"http://{args.host}:{args.port}/healthz", gateway)
             base_url = f"http://{args.host}:{args.port}/v1"
             print(

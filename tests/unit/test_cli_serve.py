@@ -8,6 +8,7 @@ function `llmep serve` hands its parsed arguments to, with arguments from the re
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -25,7 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "tiny-cpu.yaml"
 
 
-def _serve(*args: str, cwd: Path | None = None) -> tuple[subprocess.CompletedProcess, float]:
+def _serve(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess, float]:
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "llmep_serving.cli", "serve", *args],
@@ -33,13 +36,14 @@ def _serve(*args: str, cwd: Path | None = None) -> tuple[subprocess.CompletedPro
         text=True,
         timeout=60,
         cwd=cwd,
+        env={**os.environ, **(env or {})},
     )
     return result, time.monotonic() - started
 
 
-def _refused(*args: str, cwd: Path | None = None) -> str:
+def _refused(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
     """Run `llmep serve ARGS`; assert it was refused before starting anything; return stderr."""
-    result, seconds = _serve(*args, cwd=cwd)
+    result, seconds = _serve(*args, cwd=cwd, env=env)
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert result.stdout == ""  # no snippet, no key printed
     assert "starting" not in result.stderr  # no Ray cluster was started
@@ -67,6 +71,14 @@ def _tiny() -> dict:
 def test_nothing_to_serve_says_what_to_give():
     assert _refused() == (
         "llmep serve: say what to serve: an LLMEndpoint file, --model PATH_OR_HF_ID, or --demo\n"
+    )
+
+
+def test_a_gateway_shutdown_setting_that_is_not_seconds_names_both_variables(tmp_path):
+    stderr = _refused(str(_write(tmp_path, _tiny())), env={"LLMEP_GATEWAY_SHUTDOWN_GRACE_SECONDS": "soon"})
+    assert stderr == (
+        "llmep serve: LLMEP_GATEWAY_DRAIN_SECONDS and LLMEP_GATEWAY_SHUTDOWN_GRACE_SECONDS must be numbers "
+        "of seconds: could not convert string to float: 'soon'\n"
     )
 
 
