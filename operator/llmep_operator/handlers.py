@@ -1,6 +1,11 @@
 """kopf wiring, and nothing else: each handler delegates to a kopf-free function.
 
 Run with `kopf run -m llmep_operator.handlers` (or `llmep operator`).
+
+What the operator watches (its LLMEndpoints, their labelled children and pods) is kept in kopf
+indexes, so an event costs no API call; work caused by events and by the drift timer is
+coalesced per endpoint. Settings, the API client and the reconciler are made at startup and
+live in kopf's memo.
 """
 
 from __future__ import annotations
@@ -8,24 +13,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, cast
+from typing import Any
 
 import kopf
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from llmep_operator import naming
-from llmep_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from llmep_operator.api import GROUP, PLURAL, VERSION
+from llmep_operator.coalesce import Coalescer
 from llmep_operator.errors import InvalidSpec, NotYet
-from llmep_operator.kube import Kube
-from llmep_operator.reconcile import reconcile, refresh_status
+from llmep_operator.kube import BoundedApiClient, Kube, load_config
+from llmep_operator.observed import Seen, slim, slim_pod
+from llmep_operator.reconcile import EndpointKey, Reconciler
 from llmep_operator.settings import OperatorSettings
 
-SETTINGS = OperatorSettings()
-_kube: Kube | None = None
-# The endpoints kopf's watch has seen, latest body each: the drift loop's worklist. A kopf timer
-# would do the same but forces a finalizer, which blocks deletion whenever the operator is down.
-_known: dict[tuple[str | None, str], dict[str, Any]] = {}
 log = logging.getLogger(__name__)
 # Answers that mean the API server is away, restarting or overloaded, or that other status
 # writers kept winning (409): retried soon. Every other answer is retried slowly, as any
@@ -34,6 +36,12 @@ log = logging.getLogger(__name__)
 # mean a missing permission or an object the API refuses, which the server's message names.
 _TRANSIENT_STATUS = {409, 429, 500, 502, 503, 504}
 ApiError = (ApiException, urllib3.exceptions.HTTPError)
+# Events for one endpoint that arrive within this many seconds are handled as one (a child
+# applied, its sibling's event not yet in), and a burst of pod events costs one pass.
+SETTLE_SECONDS = 0.5
+# Endpoint passes (drift checks, status refreshes) that run at once, each on a thread.
+CONCURRENT_PASSES = 4
+LABELLED = {naming.ENDPOINT_LABEL: kopf.PRESENT}
 
 
 def _api_failure(error: ApiException | urllib3.exceptions.HTTPError) -> tuple[str, float]:
@@ -53,23 +61,57 @@ def _server_message(error: ApiException) -> str:
         return str(error.reason)
 
 
-def kube() -> Kube:
-    global _kube
-    if _kube is None:
-        from llmep_operator.kube import BoundedApiClient, load_config
+# ---- what the watches show, in memory ---------------------------------------------------------
 
-        _kube = Kube(SETTINGS.field_manager, BoundedApiClient(load_config(), SETTINGS.api_timeouts))
-    return _kube
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def endpoint_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[EndpointKey, dict[str, Any]]:
+    return {(namespace or "", name): slim(body)}
+
+
+def _child_key(namespace: str | None, labels: kopf.Labels) -> EndpointKey:
+    return (namespace or "", labels[naming.ENDPOINT_LABEL])
+
+
+@kopf.index(naming.RAY_GROUP, naming.RAY_VERSION, "rayservices", labels=LABELLED)
+def rayservice_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[EndpointKey, Any]:
+    return {_child_key(namespace, labels): slim(body)}
+
+
+@kopf.index("", "v1", "services", labels=LABELLED)
+def service_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[EndpointKey, Any]:
+    return {_child_key(namespace, labels): slim(body)}
+
+
+@kopf.index("", "v1", "persistentvolumeclaims", labels=LABELLED)
+def pvc_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[EndpointKey, Any]:
+    return {_child_key(namespace, labels): slim(body)}
+
+
+@kopf.index("", "v1", "pods", labels=LABELLED)
+def pod_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[EndpointKey, Any]:
+    return {_child_key(namespace, labels): slim_pod(body)}
+
+
+def _values(index: kopf.Index[EndpointKey, Any], key: EndpointKey) -> list[Any]:
+    try:
+        return list(index[key])  # one C-level copy: safe while the event loop updates the index
+    except KeyError:
+        return []
+
+
+# ---- startup: settings, clients, the reconciler, the drift timer ------------------------------
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **indexes: Any) -> None:
+    operator_settings = OperatorSettings()
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=naming.KOPF_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=naming.KOPF_PREFIX, key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING
-    timeouts = SETTINGS.api_timeouts
+    timeouts = operator_settings.api_timeouts
     # Every request and watch of kopf's own is bounded too: a watch on a connection that went
     # silent ends (no bookmark within the inactivity bound, or its whole duration passed) and
     # resumes from its last resourceVersion.
@@ -81,10 +123,73 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.inactivity_timeout = timeouts.watch_inactivity_seconds
     settings.execution.max_workers = 16
 
+    # kopf passes every index by its function's name.
+    children: dict[str, kopf.Index[EndpointKey, Any]] = {
+        "RayService": indexes["rayservice_index"],
+        "Service": indexes["service_index"],
+        "PersistentVolumeClaim": indexes["pvc_index"],
+    }
+    pods: kopf.Index[EndpointKey, Any] = indexes["pod_index"]
 
-def _reconcile(body: kopf.Body) -> None:
+    def look(namespace: str, name: str) -> Seen:
+        key = (namespace, name)
+        found = {kind: values[0] for kind, index in children.items() if (values := _values(index, key))}
+        return Seen(children=found, pods=_values(pods, key))
+
+    kube = Kube(operator_settings.field_manager, BoundedApiClient(load_config(), timeouts))
+    memo.operator_settings = operator_settings
+    memo.reconciler = Reconciler(kube, operator_settings, look)
+    memo.endpoints = indexes["endpoint_index"]
+
+
+@kopf.on.startup()
+async def start_passes(memo: kopf.Memo, **_: Any) -> None:
+    reconciler: Reconciler = memo.reconciler
+
+    async def one_pass(key: EndpointKey) -> None:
+        bodies = _values(memo.endpoints, key)
+        if bodies and not bodies[0]["metadata"].get("deletionTimestamp"):
+            await asyncio.to_thread(_correct_drift, reconciler, bodies[0])
+
+    memo.passes = Coalescer(one_pass, limit=CONCURRENT_PASSES, settle=SETTLE_SECONDS)
+    memo.drift_loop = asyncio.create_task(_check_drift_forever(memo))
+
+
+@kopf.on.cleanup()
+async def stop_passes(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("drift_loop")
+    if task:
+        task.cancel()
+    passes = memo.get("passes")
+    if passes:
+        await passes.close()
+
+
+async def _check_drift_forever(memo: kopf.Memo) -> None:
+    """Level-based: every period, every known endpoint's children are compared with its spec
+    (from memory) and whatever is missing or differs is applied again."""
+    while True:
+        await asyncio.sleep(memo.operator_settings.drift_check_seconds)
+        for key in list(memo.endpoints):
+            memo.passes.request(key)
+
+
+def _correct_drift(reconciler: Reconciler, body: dict[str, Any]) -> None:
+    meta = body["metadata"]
     try:
-        reconcile(dict(body), kube(), SETTINGS)
+        reconciler.correct_drift(body)
+    except (InvalidSpec, NotYet) as error:
+        log.debug("drift check of %s/%s: %s", meta["namespace"], meta["name"], error)
+    except ApiError as error:  # the next pass tries again; nothing is half-applied by SSA
+        log.warning("drift check of %s/%s failed: %s", meta["namespace"], meta["name"], _api_failure(error)[0])
+
+
+# ---- the endpoint's own changes ---------------------------------------------------------------
+
+
+def _reconcile(reconciler: Reconciler, body: kopf.Body) -> None:
+    try:
+        reconciler.reconcile(dict(body))
     except InvalidSpec as error:
         raise kopf.PermanentError(str(error)) from None
     except NotYet as error:
@@ -97,84 +202,23 @@ def _reconcile(body: kopf.Body) -> None:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def apply_endpoint(body: kopf.Body, **_: Any) -> None:
-    _reconcile(body)
+def apply_endpoint(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _reconcile(memo.reconciler, body)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def track_endpoint(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
-    if event.get("type") == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
-        _known.pop((namespace, name), None)
-    else:
-        _known[(namespace, name)] = dict(body)
+def endpoint_gone(event: kopf.RawEvent, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+    if event.get("type") == "DELETED":
+        memo.reconciler.forget(namespace or "", name)
 
 
-@kopf.on.startup()
-async def start_drift_loop(memo: kopf.Memo, **_: Any) -> None:
-    memo.drift_loop = asyncio.create_task(_correct_drift_forever())
+# ---- children and pods: one coalesced pass per endpoint ---------------------------------------
 
 
-@kopf.on.cleanup()
-async def stop_drift_loop(memo: kopf.Memo, **_: Any) -> None:
-    task = memo.get("drift_loop")
-    if task:
-        task.cancel()
-
-
-async def _correct_drift_forever() -> None:
-    """Level-based: every period, re-apply every known endpoint's children and refresh status."""
-    while True:
-        await asyncio.sleep(SETTINGS.drift_check_seconds)
-        for key, body in list(_known.items()):
-            if key in _known:
-                await asyncio.to_thread(_correct_drift, body)
-
-
-def _correct_drift(body: dict[str, Any]) -> None:
-    meta = body["metadata"]
-    try:
-        reconcile(body, kube(), SETTINGS)
-    except (InvalidSpec, NotYet) as error:
-        log.debug("drift check of %s/%s: %s", meta["namespace"], meta["name"], error)
-    except ApiError as error:  # the next period tries again; nothing is half-applied by SSA
-        log.warning("drift check of %s/%s failed: %s", meta["namespace"], meta["name"], _api_failure(error)[0])
-
-
-@kopf.on.event(naming.RAY_GROUP, naming.RAY_VERSION, "rayservices", labels={naming.ENDPOINT_LABEL: kopf.PRESENT})
-@kopf.on.event("", "v1", "services", labels={naming.ENDPOINT_LABEL: kopf.PRESENT})
-def child_changed(event: kopf.RawEvent, labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
-    namespace = cast(str, namespace)  # namespaced kinds: kopf always passes the namespace
-    try:
-        if event.get("type") == "DELETED":
-            # A deleted child is re-created now rather than at the next drift check.
-            _resync(namespace, labels[naming.ENDPOINT_LABEL])
-            return
-        refresh_status(kube(), SETTINGS, namespace, labels[naming.ENDPOINT_LABEL])
-    except ApiError as error:
-        _skip(error, namespace, labels[naming.ENDPOINT_LABEL])
-
-
-@kopf.on.event("", "v1", "pods", labels={naming.ENDPOINT_LABEL: kopf.PRESENT})
-def pod_changed(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
-    namespace = cast(str, namespace)  # namespaced kinds: kopf always passes the namespace
-    try:
-        refresh_status(kube(), SETTINGS, namespace, labels[naming.ENDPOINT_LABEL])
-    except ApiError as error:
-        _skip(error, namespace, labels[naming.ENDPOINT_LABEL])
-
-
-def _skip(error: ApiException | urllib3.exceptions.HTTPError, namespace: str, name: str) -> None:
-    """Events are not retried; the drift loop catches up once the API server is back."""
-    if isinstance(error, ApiException) and error.status == 404:  # the endpoint went in between
-        log.debug("status of %s/%s not refreshed: the endpoint is gone", namespace, name)
-        return
-    log.warning("status of %s/%s not refreshed: %s", namespace, name, _api_failure(error)[0])
-
-
-def _resync(namespace: str, name: str) -> None:
-    body = kube().get(API_VERSION, KIND, namespace, name)
-    if body and not body["metadata"].get("deletionTimestamp"):
-        try:
-            reconcile(body, kube(), SETTINGS)
-        except (InvalidSpec, NotYet) as error:
-            log.info("not re-creating children of %s/%s: %s", namespace, name, error)
+@kopf.on.event(naming.RAY_GROUP, naming.RAY_VERSION, "rayservices", labels=LABELLED)
+@kopf.on.event("", "v1", "services", labels=LABELLED)
+@kopf.on.event("", "v1", "persistentvolumeclaims", labels=LABELLED)
+@kopf.on.event("", "v1", "pods", labels=LABELLED)
+async def child_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    """A child changed or went (it is applied again), or a pod did (status follows)."""
+    memo.passes.request(_child_key(namespace, labels))

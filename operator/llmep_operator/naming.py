@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from llmep_operator.api.models import GROUP
+from llmep_operator.errors import InvalidSpec
 
 ENDPOINT_LABEL = f"{GROUP}/endpoint"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
@@ -17,8 +18,8 @@ APP_NAME = "llm"
 KOPF_PREFIX = GROUP  # kopf's progress and diff-base annotations live under llmep.io
 
 
-class NameTooLong(ValueError):
-    pass
+class NameTooLong(InvalidSpec):
+    """A child's name would pass Kubernetes' 63-character limit: the endpoint's name is too long."""
 
 
 def _checked(name: str) -> str:

@@ -146,13 +146,14 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace) -> int:
     import kopf
 
-    from llmep_operator import handlers
+    from llmep_operator import handlers  # noqa: F401 - registers the handlers with kopf
     from llmep_operator.kube import load_config
+    from llmep_operator.settings import OperatorSettings
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    namespaces = args.namespace or handlers.SETTINGS.namespaces
+    namespaces = args.namespace or OperatorSettings().namespaces
     if args.leader_elect:
         identity = f"{socket.gethostname()}-{os.getpid()}"
         # A standby is alive while it waits: answer the liveness probe until kopf takes over.

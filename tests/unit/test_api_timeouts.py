@@ -20,6 +20,8 @@ from kubernetes.leaderelection.leaderelectionrecord import LeaderElectionRecord
 
 from llmep_operator import handlers
 from llmep_operator.kube import BoundedApiClient, Kube
+from llmep_operator.observed import nothing_seen
+from llmep_operator.reconcile import Reconciler
 from llmep_operator.runner import RENEW_DEADLINE_SECONDS, _lease_lock
 from llmep_operator.settings import ApiTimeouts, OperatorSettings
 from tests.unit.stand_in_api import stand_in_api
@@ -34,6 +36,20 @@ def silent_server() -> Iterator[str]:
         sock.bind(("127.0.0.1", 0))
         sock.listen(16)
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+INDEXES = ("endpoint_index", "rayservice_index", "service_index", "pvc_index", "pod_index")
+
+
+def _kubeconfig(folder) -> str:
+    """A kubeconfig naming a server nobody is asked anything of: startup only reads it."""
+    path = folder / "kubeconfig"
+    path.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "clusters: [{name: c, cluster: {server: 'http://127.0.0.1:9'}}]\n"
+        "contexts: [{name: c, context: {cluster: c, user: u}}]\nusers: [{name: u, user: {token: t}}]\n"
+    )
+    return str(path)
 
 
 def _configuration(host: str) -> client.Configuration:
@@ -80,14 +96,15 @@ def test_the_leader_lease_fails_a_renewal_on_a_silent_api_server_instead_of_hang
     assert time.monotonic() - started < 2 * RENEW_DEADLINE_SECONDS
 
 
-def test_kopf_watches_and_requests_are_bounded_by_the_settings(monkeypatch):
-    monkeypatch.setattr(
-        handlers,
-        "SETTINGS",
-        OperatorSettings(api_timeouts=ApiTimeouts(connect_seconds=3, request_seconds=20, watch_seconds=120)),
-    )
-    settings = kopf.OperatorSettings()
-    handlers.configure(settings=settings)
+def test_kopf_watches_and_requests_are_bounded_by_the_settings(monkeypatch, tmp_path):
+    """The operator's settings are read at startup (here from its environment) into kopf's."""
+    monkeypatch.setenv("LLMEP_API_TIMEOUTS__CONNECT_SECONDS", "3")
+    monkeypatch.setenv("LLMEP_API_TIMEOUTS__REQUEST_SECONDS", "20")
+    monkeypatch.setenv("LLMEP_API_TIMEOUTS__WATCH_SECONDS", "120")
+    monkeypatch.setenv("KUBECONFIG", _kubeconfig(tmp_path))
+    settings, memo = kopf.OperatorSettings(), kopf.Memo()
+    handlers.configure(settings=settings, memo=memo, **{name: {} for name in INDEXES})
+    assert memo.operator_settings.api_timeouts.request_seconds == 20
     assert settings.networking.connect_timeout == 3
     assert settings.networking.request_timeout == 20
     assert settings.watching.connect_timeout == 3
@@ -127,12 +144,12 @@ def refusing_server(request) -> Iterator[tuple[int, str]]:
 def test_a_refusal_is_retried_slowly_with_the_servers_message_and_no_traceback(refusing_server, monkeypatch):
     url, expected = refusing_server
     kube = Kube("llmep-operator", BoundedApiClient(_configuration(url), ApiTimeouts()))
-    monkeypatch.setattr(handlers, "_kube", kube)
+    reconciler = Reconciler(kube, OperatorSettings(), nothing_seen)
     body = kopf.Body({
         "apiVersion": "llmep.io/v1alpha1", "kind": "LLMEndpoint",
         "metadata": {"name": "qwen", "namespace": "team-a", "generation": 1, "resourceVersion": "1", "uid": "u"},
         "spec": {"model": {"source": "hf://Qwen/Qwen2.5-7B-Instruct"}},
     })  # fmt: skip
     with pytest.raises(kopf.TemporaryError) as raised:
-        handlers._reconcile(body)
+        handlers._reconcile(reconciler, body)
     assert (str(raised.value), raised.value.delay) == (expected, 30)

@@ -21,7 +21,8 @@ from kubernetes import client
 from llmep_operator import handlers
 from llmep_operator.errors import NotYet
 from llmep_operator.kube import BoundedApiClient, Kube
-from llmep_operator.reconcile import reconcile
+from llmep_operator.observed import nothing_seen
+from llmep_operator.reconcile import Reconciler
 from llmep_operator.settings import ApiTimeouts, OperatorSettings
 from tests.unit.stand_in_api import stand_in_api
 
@@ -53,16 +54,17 @@ def api_without_kuberay() -> Iterator[tuple[str, list[tuple[str, str]]]]:
         yield url, requests
 
 
-def _kube(url: str) -> Kube:
+def _reconciler(url: str) -> Reconciler:
     configuration = client.Configuration()
     configuration.host = url
-    return Kube("llmep-operator", BoundedApiClient(configuration, ApiTimeouts()))
+    kube = Kube("llmep-operator", BoundedApiClient(configuration, ApiTimeouts()))
+    return Reconciler(kube, OperatorSettings(), nothing_seen)
 
 
 def test_reconcile_says_install_kuberay_first_and_writes_no_status(api_without_kuberay):
     url, requests = api_without_kuberay
     with pytest.raises(NotYet) as raised:
-        reconcile(json.loads(json.dumps(BODY)), _kube(url), OperatorSettings())
+        _reconciler(url).reconcile(json.loads(json.dumps(BODY)))
     assert str(raised.value) == MESSAGE
     assert raised.value.delay == 30
     assert ("PATCH", "/apis/ray.io/v1/namespaces/team-a/rayservices/qwen?fieldManager=llmep-operator&force=true") in [
@@ -71,18 +73,16 @@ def test_reconcile_says_install_kuberay_first_and_writes_no_status(api_without_k
     assert not [path for _, path in requests if "/status" in path], "no status is written without KubeRay"
 
 
-def test_kopf_retries_it_in_30_seconds_with_that_message(api_without_kuberay, monkeypatch):
+def test_kopf_retries_it_in_30_seconds_with_that_message(api_without_kuberay):
     url, _ = api_without_kuberay
-    monkeypatch.setattr(handlers, "_kube", _kube(url))
     with pytest.raises(kopf.TemporaryError) as raised:
-        handlers._reconcile(kopf.Body(json.loads(json.dumps(BODY))))
+        handlers._reconcile(_reconciler(url), kopf.Body(json.loads(json.dumps(BODY))))
     assert (str(raised.value), raised.value.delay) == (MESSAGE, 30)
 
 
-def test_the_drift_check_logs_it_and_goes_on(api_without_kuberay, monkeypatch, caplog):
+def test_the_drift_check_logs_it_and_goes_on(api_without_kuberay, caplog):
     """The drift loop must not stop on it; the handler's retry is what reports it."""
     url, _ = api_without_kuberay
-    monkeypatch.setattr(handlers, "_kube", _kube(url))
     caplog.set_level("DEBUG", logger=handlers.log.name)
-    handlers._correct_drift(json.loads(json.dumps(BODY)))
+    handlers._correct_drift(_reconciler(url), json.loads(json.dumps(BODY)))
     assert f"drift check of team-a/qwen: {MESSAGE}" in caplog.messages

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Final, Literal, cast
 
@@ -608,6 +609,16 @@ class LLMEndpointStatus(ApiModel):
     )
     replicas: ReplicaStatus = Field(default_factory=ReplicaStatus, description="Replica counts.")
     ray_service: str | None = Field(default=None, description="Name of the RayService serving this endpoint.")
+
+
+def model_ids_of(body: Mapping[str, Any]) -> list[str]:
+    """The model ids a stored LLMEndpoint answers to (servedName, else metadata.name, then
+    aliases), read from its raw body: also for one that does not parse, whose status says why."""
+    model = ((body.get("spec") or {}).get("model")) or {}
+    served = model.get("servedName") or (body.get("metadata") or {}).get("name")
+    aliases = model.get("aliases")
+    ids = [served, *aliases] if isinstance(aliases, list) else [served]
+    return [i for i in ids if isinstance(i, str) and i]
 
 
 class ObjectMeta(BaseModel):

@@ -7,9 +7,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from llmep_operator.api.models import LLMEndpoint, LLMEndpointSpec
+from llmep_operator.errors import InvalidSpec
 
 
-class SpecError(ValueError):
+class SpecError(InvalidSpec):
     """An LLMEndpoint that cannot be served as written; `problems` are 'field: message' lines."""
 
     def __init__(self, problems: list[str]):

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from llmep_operator.api import GROUP, PLURAL, VERSION, ConditionType
+from llmep_operator.api import GROUP, PLURAL, VERSION, ConditionType, model_ids_of
 from llmep_operator.api.conditions import is_true
 
 from .auth import KEY_LABEL, ApiKey, key_from_secret
@@ -64,10 +64,7 @@ def endpoint_to_backend(obj: Mapping[str, Any], url_template: str = DEFAULT_BACK
     status = obj.get("status") or {}
     models = status.get("models")
     if not (isinstance(models, list) and models):
-        model_spec = (obj.get("spec") or {}).get("model") or {}
-        served = model_spec.get("servedName") or meta.get("name")
-        aliases = model_spec.get("aliases") or []
-        models = [served, *aliases] if isinstance(aliases, list) else [served]
+        models = model_ids_of(obj)
     names = tuple(dict.fromkeys(m for m in models if isinstance(m, str) and m))
     if not names:
         return None

@@ -1,0 +1,151 @@
+"""The operator's per-endpoint passes coalesce, and its drift check compares from memory.
+
+`Coalescer` is what the handlers hand every child, pod and drift-timer event to; `covers` is
+how a drift check decides, without an API call, that a child as the watch shows it still holds
+everything the operator rendered."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from llmep_operator.coalesce import Coalescer
+from llmep_operator.observed import covers, slim, slim_pod
+
+pytestmark = pytest.mark.unit
+
+
+def test_a_burst_of_requests_for_one_key_runs_the_work_once_after_it_settles():
+    runs: list[str] = []
+
+    async def work(key: str) -> None:
+        runs.append(key)
+
+    async def main() -> None:
+        passes = Coalescer(work, settle=0.05)
+        for _ in range(50):
+            passes.request("team-a/qwen")
+        passes.request("team-b/llama")
+        while passes.pending:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert sorted(runs) == ["team-a/qwen", "team-b/llama"]
+
+
+def test_requests_during_a_run_make_exactly_one_more_run_and_never_two_at_once():
+    runs, overlapping = [], []
+    started, release = asyncio.Event(), asyncio.Event()
+    active: set[str] = set()
+
+    async def work(key: str) -> None:
+        if key in active:
+            overlapping.append(key)
+        active.add(key)
+        runs.append(key)
+        started.set()
+        await release.wait()
+        active.discard(key)
+
+    async def main() -> None:
+        passes = Coalescer(work)
+        passes.request("k")
+        await started.wait()
+        for _ in range(10):  # changes announced while the first run is under way
+            passes.request("k")
+        release.set()
+        while passes.pending:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert runs == ["k", "k"]
+    assert overlapping == []
+
+
+def test_a_failing_key_does_not_stop_the_others_and_at_most_limit_run_at_once():
+    done: list[int] = []
+    peak = 0
+    running = 0
+
+    async def work(key: int) -> None:
+        nonlocal peak, running
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01)
+        running -= 1
+        if key == 3:
+            raise RuntimeError("boom")
+        done.append(key)
+
+    async def main() -> None:
+        passes = Coalescer(work, limit=2)
+        for key in range(8):
+            passes.request(key)
+        while passes.pending:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert sorted(done) == [0, 1, 2, 4, 5, 6, 7]
+    assert peak == 2
+
+
+SERVICE = {
+    "apiVersion": "v1",
+    "kind": "Service",
+    "metadata": {"name": "qwen-serve", "namespace": "a", "labels": {"llmep.io/endpoint": "qwen"}},
+    "spec": {"type": "ClusterIP", "ports": [{"name": "http", "port": 8000, "targetPort": 8000}]},
+}
+
+
+def test_a_child_with_server_defaults_and_status_is_covered():
+    live = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {**SERVICE["metadata"], "uid": "u", "resourceVersion": "9"},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": "10.0.0.7",
+            "ports": [{"name": "http", "port": 8000, "targetPort": 8000, "protocol": "TCP"}],
+        },
+        "status": {"loadBalancer": {}},
+    }
+    assert covers(live, SERVICE)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda o: o["spec"].update(type="NodePort"),  # a field the operator owns changed
+        lambda o: o["spec"]["ports"].append({"name": "x", "port": 1}),  # a list grew
+        lambda o: o["metadata"]["labels"].pop("llmep.io/endpoint"),  # a label went
+        lambda o: o.pop("spec"),
+    ],
+    ids=["changed-value", "longer-list", "missing-label", "missing-spec"],
+)
+def test_a_child_someone_changed_is_not_covered(edit):
+    live = {**SERVICE, "metadata": {**SERVICE["metadata"], "labels": dict(SERVICE["metadata"]["labels"])}}
+    live["spec"] = {**SERVICE["spec"], "ports": [dict(p) for p in SERVICE["spec"]["ports"]]}
+    edit(live)
+    assert not covers(live, SERVICE)
+
+
+def test_a_missing_child_is_not_covered():
+    assert not covers(None, SERVICE)
+
+
+def test_memory_keeps_what_the_reconciler_reads_and_drops_managed_fields():
+    body = {
+        "metadata": {"name": "p", "uid": "u", "managedFields": [{"manager": "kubelet"}], "labels": {"a": "b"}},
+        "spec": {"containers": [{"name": "ray"}]},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}], "podIP": "10.0.0.1"},
+    }
+    assert slim(body) == {
+        "metadata": {"name": "p", "uid": "u", "labels": {"a": "b"}},
+        "spec": {"containers": [{"name": "ray"}]},
+        "status": body["status"],
+    }
+    assert slim_pod(body) == {
+        "metadata": {"name": "p", "labels": {"a": "b"}},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+    }
