@@ -23,6 +23,7 @@ from llmep_operator.api.models import (
     RoutingSpec,
     SecretKeyRef,
 )
+from llmep_operator.api.sources import SourceScheme, SourceURI, parse_source
 from llmep_operator.api.validation import SpecError, parse_endpoint
 
 __all__ = [
@@ -47,6 +48,9 @@ __all__ = [
     "RoutingPolicy",
     "RoutingSpec",
     "SecretKeyRef",
+    "SourceScheme",
+    "SourceURI",
     "SpecError",
     "parse_endpoint",
+    "parse_source",
 ]
