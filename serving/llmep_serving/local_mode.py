@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 import yaml
 
-from llmep_operator.api import API_VERSION, KIND, SpecError, parse_endpoint
+from llmep_operator.api import API_VERSION, KIND, SourceScheme, SpecError, parse_endpoint, parse_source
 from llmep_operator.api.models import MAX_NAME_LENGTH
 from llmep_operator.errors import InvalidSpec
 from llmep_operator.render import build_ray_app
@@ -217,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
     num_cpus = args.num_cpus or max(os.cpu_count() or 2, 2 * endpoint.spec.autoscaling.max_replicas + 2)
     # The serving path's switches, exactly as the operator puts them in the Ray pods.
     env = dict(rendered.env)
-    if endpoint.spec.model.source.startswith("file://"):
+    # A folder on this machine: no Ray process needs the hub (a pvc:// claim exists only in a pod).
+    if parse_source(endpoint.spec.model.source).scheme is SourceScheme.FILE:
         env["HF_HUB_OFFLINE"] = "1"
     gateway = None
     local = None

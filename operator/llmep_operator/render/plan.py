@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from llmep_operator import naming
-from llmep_operator.api import LLMEndpoint
+from llmep_operator.api import LLMEndpoint, SourceScheme, parse_source
 from llmep_operator.errors import InvalidSpec
+from llmep_operator.render.core_v1 import EnvVar, EnvVarSource, PvcVolume, VolumeMount
 from llmep_operator.render.policy import check_policy
 from llmep_operator.render.serving_path import ray_process_env
 from llmep_operator.settings import OperatorSettings, ResourceProfile
@@ -15,6 +15,17 @@ from llmep_operator.settings import OperatorSettings, ResourceProfile
 MODEL_MOUNT_ROOT = "/mnt/models"
 CACHE_MOUNT = "/home/ray/.cache/huggingface"
 HF_TOKEN_ENV = "HF_TOKEN"  # noqa: S105 - a variable name
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the engine finds the weights, and what the pods mount so that it can."""
+
+    scheme: SourceScheme
+    # A hub id (hf), a path inside the container (file, pvc) or the bucket's whole URI (s3, gs).
+    location: str
+    volumes: tuple[PvcVolume, ...] = ()
+    volume_mounts: tuple[VolumeMount, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -26,13 +37,14 @@ class ServingPlan:
     gpus_per_replica: int
     gpus_per_worker: int
     workers_per_replica: int
-    model_source: Any
-    volumes: list[dict[str, Any]] = field(default_factory=list)
-    volume_mounts: list[dict[str, Any]] = field(default_factory=list)
-    env: list[dict[str, Any]] = field(default_factory=list)
+    model_source: ModelSource
+    # The pods' own: the model's and the weights cache's.
+    volumes: tuple[PvcVolume, ...]
+    volume_mounts: tuple[VolumeMount, ...]
+    env: tuple[EnvVar, ...]
     # Only on the workers: the replicas load the model there (the head runs none, num-cpus 0).
-    secret_env: list[dict[str, Any]] = field(default_factory=list)
-    ray_env: dict[str, str] = field(default_factory=dict)
+    secret_env: tuple[EnvVar, ...]
+    ray_env: dict[str, str]
 
     @property
     def name(self) -> str:
@@ -66,33 +78,32 @@ def _split_gpus(name: str, profile: ResourceProfile, gpus: int) -> tuple[int, in
     return profile.gpus_per_node, gpus // profile.gpus_per_node
 
 
-def _model_source(endpoint: LLMEndpoint) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
-    source = endpoint.spec.model.source
-    scheme, _, rest = source.partition("://")
-    if scheme == "hf":
-        return rest, [], []
-    if scheme == "file":
-        return rest, [], []  # file:///abs/path -> /abs/path
-    if scheme == "pvc":
-        claim, _, path = rest.partition("/")
+def _model_source(endpoint: LLMEndpoint) -> ModelSource:
+    uri = parse_source(endpoint.spec.model.source)
+    if uri.scheme is SourceScheme.PVC:
+        claim, _, path = uri.path.partition("/")
         mount = f"{MODEL_MOUNT_ROOT}/{claim}"
-        volume = {"name": "model-weights", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-        mount_spec = {"name": "model-weights", "mountPath": mount, "readOnly": True}
-        return f"{mount}/{path}".rstrip("/"), [volume], [mount_spec]
-    # s3:// and gs:// are mirrored by Ray Serve LLM itself.
-    return {"bucket_uri": source}, [], []
+        return ModelSource(
+            scheme=uri.scheme,
+            location=f"{mount}/{path}".rstrip("/"),
+            volumes=({"name": "model-weights", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}},),
+            volume_mounts=({"name": "model-weights", "mountPath": mount, "readOnly": True},),
+        )
+    if uri.scheme.is_bucket:
+        return ModelSource(scheme=uri.scheme, location=endpoint.spec.model.source)
+    return ModelSource(scheme=uri.scheme, location=uri.path)  # hf://ORG/MODEL, file:///abs/path -> /abs/path
 
 
-def _secret_env(endpoint: LLMEndpoint) -> list[dict[str, Any]]:
+def _secret_env(endpoint: LLMEndpoint) -> tuple[EnvVar, ...]:
     ref = endpoint.spec.model.token_secret_ref
     if ref is None:
-        return []
+        return ()
     # The token reaches processes through the pod's environment; it is never inlined.
-    value_from = {"secretKeyRef": {"name": ref.name, "key": ref.key}}
-    return [
+    value_from: EnvVarSource = {"secretKeyRef": {"name": ref.name, "key": ref.key}}
+    return (
         {"name": HF_TOKEN_ENV, "valueFrom": value_from},
         {"name": "HUGGING_FACE_HUB_TOKEN", "valueFrom": value_from},
-    ]
+    )
 
 
 def make_plan(endpoint: LLMEndpoint, settings: OperatorSettings) -> ServingPlan:
@@ -113,8 +124,10 @@ def make_plan(endpoint: LLMEndpoint, settings: OperatorSettings) -> ServingPlan:
             "engine.pipelineParallelSize must be 1"
         )
     gpus_per_worker, workers = _split_gpus(profile_name, profile, gpus)
-    source, volumes, mounts = _model_source(endpoint)
-    env: list[dict[str, Any]] = []
+    source = _model_source(endpoint)
+    volumes = list(source.volumes)
+    mounts = list(source.volume_mounts)
+    env: list[EnvVar] = []
     if endpoint.spec.cache.enabled:
         volumes.append(
             {
@@ -134,9 +147,9 @@ def make_plan(endpoint: LLMEndpoint, settings: OperatorSettings) -> ServingPlan:
         gpus_per_worker=gpus_per_worker,
         workers_per_replica=workers,
         model_source=source,
-        volumes=volumes,
-        volume_mounts=mounts,
-        env=env,
+        volumes=tuple(volumes),
+        volume_mounts=tuple(mounts),
+        env=tuple(env),
         secret_env=_secret_env(endpoint),
         ray_env=ray_process_env(endpoint, settings),
     )

@@ -13,7 +13,7 @@ import yaml
 
 from llmep_operator import naming
 from llmep_operator.api import LLMEndpoint, RoutingPolicy
-from llmep_operator.render.plan import ServingPlan, make_plan
+from llmep_operator.render.plan import ModelSource, ServingPlan, make_plan
 from llmep_operator.render.serving_path import is_direct
 from llmep_operator.settings import OperatorSettings
 
@@ -76,14 +76,19 @@ def _deployment_config(plan: ServingPlan) -> dict[str, Any]:
     return config
 
 
+def _loading_source(source: ModelSource) -> str | dict[str, str]:
+    """LLMConfig's model_source: a hub id or a path, or a bucket that Ray Serve LLM mirrors."""
+    return {"bucket_uri": source.location} if source.scheme.is_bucket else source.location
+
+
 def build_llm_config(plan: ServingPlan) -> dict[str, Any]:
     endpoint = plan.endpoint
     env_vars = {**plan.profile.env, **endpoint.spec.engine.env}
-    if isinstance(plan.model_source, str) and plan.model_source.startswith("/"):
-        # Weights on a local path (file://, pvc://): never reach for the hub.
+    if plan.model_source.scheme.is_local:
+        # Weights on a path in the container (file://, pvc://): never reach for the hub.
         env_vars.setdefault("HF_HUB_OFFLINE", "1")
     config: dict[str, Any] = {
-        "model_loading_config": {"model_id": endpoint.served_name, "model_source": plan.model_source},
+        "model_loading_config": {"model_id": endpoint.served_name, "model_source": _loading_source(plan.model_source)},
         "engine_kwargs": _engine_kwargs(plan),
         "deployment_config": _deployment_config(plan),
     }
