@@ -8,7 +8,9 @@ either writes status only when it changed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +31,8 @@ log = logging.getLogger(__name__)
 # Status writes tried when other writers keep changing the endpoint in between (409 each time).
 STATUS_WRITE_ATTEMPTS = 5
 # Children the operator watches, so a drift check can compare them from memory. A
-# NetworkPolicy is not watched (the operator may not list them) and is re-applied each check.
+# NetworkPolicy is not watched (the operator may not list them): it is applied again once per
+# drift period.
 WATCHED_KINDS = frozenset({"RayService", "Service", "PersistentVolumeClaim"})
 
 EndpointKey = tuple[str, str]  # (namespace, name)
@@ -44,7 +47,7 @@ class Desired:
 
 
 def desired(body: dict[str, Any], settings: OperatorSettings) -> Desired:
-    """Parse and plan; an invalid spec becomes an observation, not an exception, so status is written."""
+    """Parse, plan and render; an invalid spec becomes an observation, not an exception, so status is written."""
     meta = body["metadata"]
     generation = meta.get("generation", 0)
     try:
@@ -64,23 +67,48 @@ def desired(body: dict[str, Any], settings: OperatorSettings) -> Desired:
     return Desired(observation, children)
 
 
+@dataclass
+class Checked:
+    """The children of one generation of an endpoint as last applied or found equal to its spec:
+    while the watched ones keep these resourceVersions nobody has changed them, and the spec need
+    not be rendered again (rendering is most of a pass's cost)."""
+
+    uid: str | None
+    observation: Observation  # the generation's status facts (cluster fields unset)
+    versions: dict[str, str]  # kind -> resourceVersion, watched kinds
+    applied_at: dict[str, float]  # kind -> monotonic time, unwatched kinds
+
+    def still_holds(self, body: dict[str, Any], seen: Seen, now: float, period: float) -> bool:
+        meta = body["metadata"]
+        if (meta.get("uid"), meta.get("generation", 0)) != (self.uid, self.observation.generation):
+            return False
+        live = {kind: _version(child) for kind, child in seen.children.items()}
+        due = any(now - at >= period for at in self.applied_at.values())
+        return not due and all(live.get(kind) == version for kind, version in self.versions.items())
+
+
+def _version(obj: dict[str, Any] | None) -> str | None:
+    return ((obj or {}).get("metadata") or {}).get("resourceVersion")
+
+
 class Reconciler:
     """Applies children and writes status for LLMEndpoints, reading the cluster through `look`.
 
-    It remembers the last status it wrote per endpoint (the watch may not have delivered it yet)
-    and the worker bounds it last gave each endpoint's RayClusters."""
+    It remembers, per endpoint, the last status it wrote (the watch may not have delivered it
+    yet), the children it checked (`Checked`) and the worker bounds it last gave the RayClusters."""
 
     def __init__(self, kube: Kube, settings: OperatorSettings, look: Look) -> None:
         self.kube = kube
         self.settings = settings
         self.look = look
         self._written: dict[EndpointKey, tuple[str | None, dict[str, Any]]] = {}  # (uid, status)
+        self._checked: dict[EndpointKey, Checked] = {}
         self._bounds_synced: dict[EndpointKey, tuple[tuple[str, ...], dict[str, tuple[int, int]]]] = {}
 
     def forget(self, namespace: str, name: str) -> None:
         """The endpoint is gone: drop what was remembered for it."""
-        self._written.pop((namespace, name), None)
-        self._bounds_synced.pop((namespace, name), None)
+        for memory in (self._written, self._checked, self._bounds_synced):
+            memory.pop((namespace, name), None)
 
     def reconcile(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """Bring every child to the spec and the status to what the cluster shows.
@@ -90,7 +118,17 @@ class Reconciler:
         return self._reconcile(body, only_drifted=False)
 
     def correct_drift(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        """As reconcile, but apply only the children that are missing or differ from the spec."""
+        """As reconcile, but apply only the children that are missing or differ from the spec;
+        when none changed since they were last checked, only status is looked at."""
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        checked = self._checked.get(key)
+        seen = self.look(*key)
+        if checked and checked.still_holds(body, seen, time.monotonic(), self.settings.drift_check_seconds):
+            obs = dataclasses.replace(checked.observation, rayservice=seen.rayservice, pods=seen.pods)
+            if seen.rayservice:
+                self._sync_worker_bounds(key, seen.rayservice)
+            return self._write_status(body, obs)
         return self._reconcile(body, only_drifted=True)
 
     def _reconcile(self, body: dict[str, Any], *, only_drifted: bool) -> dict[str, Any] | None:
@@ -100,16 +138,24 @@ class Reconciler:
         obs = wanted.observation
         if wanted.children is None:
             # Nothing is applied for a spec that cannot work: no half-built endpoint.
+            self._checked.pop(key, None)
             self._write_status(body, obs)
             raise InvalidSpec(obs.invalid or "invalid spec")
         seen = self.look(*key)
+        checked = Checked(meta.get("uid"), dataclasses.replace(obs), {}, {})
         rayservice = seen.rayservice
         for child in wanted.children:
-            if only_drifted and child["kind"] in WATCHED_KINDS and covers(seen.children.get(child["kind"]), child):
-                continue
-            applied = self._apply(child)
-            if child["kind"] == "RayService":
-                rayservice = applied
+            kind = child["kind"]
+            live = seen.children.get(kind)
+            if not (only_drifted and kind in WATCHED_KINDS and covers(live, child)):
+                live = self._apply(child)
+                if kind not in WATCHED_KINDS:
+                    checked.applied_at[kind] = time.monotonic()
+            if kind in WATCHED_KINDS:
+                checked.versions[kind] = _version(live) or ""
+            if kind == "RayService":
+                rayservice = live
+        self._checked[key] = checked
         if rayservice:
             self._sync_worker_bounds(key, rayservice)
         obs.rayservice, obs.pods = rayservice, seen.pods
@@ -139,22 +185,15 @@ class Reconciler:
                 self.kube.json_patch(naming.RAY_API_VERSION, "RayCluster", namespace, name, ops)
         self._bounds_synced[key] = (names, wanted)
 
-    def _observe(self, body: dict[str, Any], applied_generation: int) -> Observation | None:
-        """What the cluster shows for `body`; None when this writer has nothing to report for
-        body's generation.
-
-        `applied_generation` is the generation whose children this writer applied. A newer
-        generation's children are its own reconcile's to report: observedGeneration names only
-        what was applied. An invalid spec is reported for the generation that has it."""
-        wanted = desired(body, self.settings)
-        obs = wanted.observation
-        if wanted.children is None:
-            return obs
-        if applied_generation != obs.generation:
+    def _observe_again(self, fresh: dict[str, Any], obs: Observation) -> Observation | None:
+        """`obs` looked at again after `fresh` was read; None when `fresh` is a newer generation,
+        whose children are its own reconcile's to apply and report: observedGeneration names only
+        what was applied."""
+        meta = fresh["metadata"]
+        if meta.get("generation", 0) != obs.generation:
             return None
-        seen: Seen = self.look(body["metadata"]["namespace"], body["metadata"]["name"])
-        obs.rayservice, obs.pods = seen.rayservice, seen.pods
-        return obs
+        seen = self.look(meta["namespace"], meta["name"])
+        return dataclasses.replace(obs, rayservice=seen.rayservice, pods=seen.pods)
 
     def _last_status(self, body: dict[str, Any]) -> dict[str, Any]:
         """The newest status known for `body`'s generation: the one this process last wrote, which
@@ -198,7 +237,7 @@ class Reconciler:
                 fresh = self._current(*key)
                 if fresh is None:
                     return None
-                body, obs = fresh, self._observe(fresh, obs.generation)
+                body, obs = fresh, self._observe_again(fresh, obs)
                 continue
             self._written[key] = (meta.get("uid"), new)
             transition = ready_transition(old, new)

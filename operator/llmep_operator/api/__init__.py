@@ -22,6 +22,7 @@ from llmep_operator.api.models import (
     RoutingPolicy,
     RoutingSpec,
     SecretKeyRef,
+    model_ids_of,
 )
 from llmep_operator.api.sources import SourceScheme, SourceURI, parse_source
 from llmep_operator.api.validation import SpecError, parse_endpoint
@@ -51,6 +52,7 @@ __all__ = [
     "SourceScheme",
     "SourceURI",
     "SpecError",
+    "model_ids_of",
     "parse_endpoint",
     "parse_source",
 ]
