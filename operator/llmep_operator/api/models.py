@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
 
+from llmep_operator.api.sources import SourceScheme
+
 GROUP = "llmep.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -31,7 +33,7 @@ SHORT_NAMES = ["llmep"]
 MAX_NAME_LENGTH = 40
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
-SOURCE_SCHEMES = ("hf", "pvc", "s3", "gs", "file")
+SOURCE_SCHEMES = tuple(scheme.value for scheme in SourceScheme)
 SOURCE_PATTERN = r"^(hf|pvc|s3|gs)://[^\s/]+(/[^\s]*)?$|^file:///[^\s]*$"
 SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 # '/' stays in the pattern so the refusal below, not a regex, is what a user reads.
