@@ -144,17 +144,24 @@ class Reconciler:
         seen = self.look(*key)
         checked = Checked(meta.get("uid"), dataclasses.replace(obs), {}, {})
         rayservice = seen.rayservice
-        for child in wanted.children:
-            kind = child["kind"]
-            live = seen.children.get(kind)
-            if not (only_drifted and kind in WATCHED_KINDS and covers(live, child)):
-                live = self._apply(child)
-                if kind not in WATCHED_KINDS:
-                    checked.applied_at[kind] = time.monotonic()
-            if kind in WATCHED_KINDS:
-                checked.versions[kind] = _version(live) or ""
-            if kind == "RayService":
-                rayservice = live
+        try:
+            for child in wanted.children:
+                kind = child["kind"]
+                live = seen.children.get(kind)
+                if not (only_drifted and kind in WATCHED_KINDS and covers(live, child)):
+                    live = self._apply(child)
+                    if kind not in WATCHED_KINDS:
+                        checked.applied_at[kind] = time.monotonic()
+                if kind in WATCHED_KINDS:
+                    checked.versions[kind] = _version(live) or ""
+                if kind == "RayService":
+                    rayservice = live
+        except ApiException:
+            # Refused (a quota, a policy): status still says what the cluster shows, e.g. a
+            # RayService that is gone and cannot be created again; the caller retries.
+            obs.rayservice, obs.pods = seen.rayservice, seen.pods
+            self._write_status(body, obs)
+            raise
         self._checked[key] = checked
         if rayservice:
             self._sync_worker_bounds(key, rayservice)
