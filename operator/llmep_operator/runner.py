@@ -20,8 +20,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmep.operator")
 
 
-# How long the leader keeps trying to renew its Lease before it steps down (kubernetes' default).
+# kubernetes' defaults: a Lease not renewed for LEASE_DURATION is free to take; the leader keeps
+# trying to renew for RENEW_DEADLINE before it steps down; every candidate polls each RETRY_PERIOD.
+LEASE_DURATION_SECONDS = 15
 RENEW_DEADLINE_SECONDS = 10
+RETRY_PERIOD_SECONDS = 2
 
 
 def _lease_lock(lease_name: str, lease_namespace: str, identity: str, configuration: client.Configuration) -> object:
@@ -82,9 +85,9 @@ def _elect_leader(lease_name: str, lease_namespace: str, identity: str, configur
 
     config = electionconfig.Config(
         _lease_lock(lease_name, lease_namespace, identity, configuration),
-        lease_duration=15,
+        lease_duration=LEASE_DURATION_SECONDS,
         renew_deadline=RENEW_DEADLINE_SECONDS,
-        retry_period=2,
+        retry_period=RETRY_PERIOD_SECONDS,
         onstarted_leading=leading.set,
         onstopped_leading=lost,
     )
