@@ -26,7 +26,8 @@ class BodyBudget:
 
 
 class BodyClaim:
-    """One request's share of the budget; ``release`` is idempotent."""
+    """One request's share of the budget; ``release`` is idempotent, and a ``with`` block
+    releases it at its end."""
 
     __slots__ = ("budget", "size")
 
@@ -43,6 +44,12 @@ class BodyClaim:
             raise errors.body_budget_full(budget.capacity, budget.retry_after)
         budget.used += more
         self.size = total
+
+    def __enter__(self) -> BodyClaim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
     def release(self) -> None:
         self.budget.used -= self.size

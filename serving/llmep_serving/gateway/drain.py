@@ -10,7 +10,8 @@ import asyncio
 
 
 class InFlight:
-    """The handler tasks of requests being forwarded or held."""
+    """The handler tasks of requests being forwarded or held: ``with in_flight:`` counts the
+    current task's request for the block, however it ends."""
 
     def __init__(self) -> None:
         self.cutting = False  # set when the grace period is over: handlers end their requests
@@ -20,14 +21,11 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    def enter(self) -> asyncio.Task[object]:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        return task
+    def __enter__(self) -> None:
+        self._tasks.add(_current_task())
 
-    def leave(self, task: asyncio.Task[object]) -> None:
-        self._tasks.discard(task)
+    def __exit__(self, *exc: object) -> None:
+        self._tasks.discard(_current_task())
         if not self._tasks and self._idle is not None:
             self._idle.set()
 
@@ -49,3 +47,9 @@ class InFlight:
         for task in self._tasks:
             task.cancel()
         return len(self._tasks)
+
+
+def _current_task() -> asyncio.Task[object]:
+    task = asyncio.current_task()
+    assert task is not None
+    return task

@@ -22,6 +22,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.utils import floatToGoString
 
+from .gauges import Gauge
 from .routing import RoutingTable
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -64,26 +65,36 @@ class Histogram:
     def cumulative(self) -> list[tuple[str, float]]:
         buckets: list[tuple[str, float]] = []
         total = 0
-        for bound, count in zip(
-            (*map(floatToGoString, self.bounds), "+Inf"), self.counts, strict=True
-        ):
+        for bound, count in zip((*map(floatToGoString, self.bounds), "+Inf"), self.counts, strict=True):
             total += count
             buckets.append((bound, total))
         return buckets
 
 
 class ModelMetrics:
-    """The numbers kept for one model (its served name)."""
+    """The numbers kept for one model (its served name).
 
-    __slots__ = ("in_flight", "held", "duration", "ttft", "prompt_tokens", "completion_tokens")
+    ``with numbers.forwarding:`` and ``with numbers.holding:`` count a request while it is
+    forwarded (its answer relayed included) or held; ``in_flight`` and ``held`` read the counts.
+    """
+
+    __slots__ = ("forwarding", "holding", "duration", "ttft", "prompt_tokens", "completion_tokens")
 
     def __init__(self) -> None:
-        self.in_flight = 0
-        self.held = 0
+        self.forwarding = Gauge()
+        self.holding = Gauge()
         self.duration = Histogram(DURATION_BUCKETS)
         self.ttft = Histogram(TTFT_BUCKETS)
         self.prompt_tokens = 0
         self.completion_tokens = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self.forwarding.value
+
+    @property
+    def held(self) -> int:
+        return self.holding.value
 
 
 class GatewayMetrics:

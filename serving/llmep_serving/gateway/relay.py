@@ -1,0 +1,134 @@
+"""Relaying a backend's SSE stream to the client: whole events only, a bound on a client that
+stops reading, and an error event rather than a bare close when the stream cannot finish."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+from aiohttp import web
+
+from . import errors
+from .drain import InFlight
+from .metrics import GatewayMetrics, ModelMetrics, usage_from
+from .routing import Route
+from .settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # tell any proxy in front not to buffer the stream
+}
+MAX_PENDING_EVENT = 1 << 20  # an SSE event larger than this is forwarded even if incomplete
+
+
+def complete_events_end(data: bytes) -> int:
+    """Length of the prefix of ``data`` that ends on an SSE event boundary."""
+    lf = data.rfind(b"\n\n")
+    crlf = data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+async def end_stream(out: web.StreamResponse, tail: bytes) -> None:
+    try:
+        if tail:
+            await out.write(tail)
+        await out.write_eof()
+    except (ConnectionError, aiohttp.ClientConnectionError):
+        pass  # the client already left; nothing more to tell it
+
+
+class StreamRelay:
+    """Copies backend streams to clients, recording time to first token, usage and duration."""
+
+    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics, in_flight: InFlight) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.in_flight = in_flight
+
+    async def relay(
+        self,
+        request: web.BaseRequest,
+        resp: aiohttp.ClientResponse,
+        route: Route,
+        mm: ModelMetrics,
+        started: float,
+        out: web.StreamResponse | None,
+    ) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        if out is None:
+            out = web.StreamResponse(status=resp.status, headers=SSE_HEADERS)
+            await out.prepare(request)
+        content = resp.content
+        write_timeout = self.settings.stream_write_timeout
+        pending = b""
+        first = True
+        usage = None
+        failed = False
+        try:
+            while True:
+                try:
+                    chunk = await content.readany()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    log.warning("stream from %s broke: %s", route.model, type(exc).__name__)
+                    failed = True
+                    break
+                if not chunk:
+                    break
+                data = pending + chunk if pending else chunk
+                # Forward whole events only, so a failure never leaves half an event behind.
+                end = complete_events_end(data)
+                if end == len(data):
+                    pending = b""
+                elif len(data) > MAX_PENDING_EVENT:
+                    pending = b""
+                else:
+                    pending, data = data[end:], data[:end]
+                    if not data:
+                        continue
+                if first:
+                    first = False
+                    mm.ttft.observe(loop.time() - started)
+                if b'"usage"' in data:
+                    usage = usage_from(data) or usage
+                try:
+                    async with asyncio.timeout(write_timeout):
+                        await out.write(data)
+                except TimeoutError:
+                    # The client stopped reading: cancel the generation and free the key's slot.
+                    log.info("client of a %s stream read nothing for %.0fs; dropping it", route.model, write_timeout)
+                    self.metrics.error(route.model, "stream_write_timeout")
+                    resp.close()
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return out
+                except (ConnectionError, aiohttp.ClientConnectionError):
+                    resp.close()  # the client left: drop the backend connection so it stops work
+                    return out
+        except asyncio.CancelledError:
+            if not self.in_flight.cutting:
+                raise
+            resp.close()
+            gone = errors.shutting_down()
+            self.metrics.error(route.model, gone.code)
+            await end_stream(out, errors.sse_error_event(gone.message, gone.code, gone.type))
+            return out
+        if failed:
+            self.metrics.error(route.model, "backend_stream_interrupted")
+            await end_stream(
+                out,
+                errors.sse_error_event(
+                    f"The backend serving '{route.model}' failed mid-stream.",
+                    "backend_stream_interrupted",
+                ),
+            )
+        else:
+            await end_stream(out, pending)
+        if usage is not None:
+            mm.prompt_tokens += usage[0]
+            mm.completion_tokens += usage[1]
+        mm.duration.observe(loop.time() - started)
+        return out
