@@ -49,7 +49,7 @@ CRD = REPO / "crds" / "llmendpoints.llmep.io.yaml"
 LABEL = "llmep.io/endpoint"
 GROUP, VERSION, PLURAL = "llmep.io", "v1alpha1", "llmendpoints"
 RETRY_RE = re.compile(
-    r"will try again|failed with an exception|failed temporarily|will retry|drift check of \S+ failed", re.I
+    r"will try again|failed with an exception|failed temporarily|will retry|trying again in|Traceback", re.I
 )
 
 

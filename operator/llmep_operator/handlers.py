@@ -3,14 +3,16 @@
 Run with `kopf run -m llmep_operator.handlers` (or `llmep operator`).
 
 What the operator watches (its LLMEndpoints, their labelled children and pods) is kept in kopf
-indexes, so an event costs no API call; work caused by events and by the drift timer is
-coalesced per endpoint. Settings, the API client and the reconciler are made at startup and
-live in kopf's memo.
+indexes, so an event costs no API call. Every change (a new endpoint or spec generation, a child
+or pod event, the drift timer) asks for one pass over its endpoint; passes coalesce per endpoint
+and retry on their own, so the operator needs none of kopf's change-tracking annotations.
+Settings, the API client and the reconciler are made at startup and live in kopf's memo.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 from typing import Any
@@ -39,8 +41,9 @@ ApiError = (ApiException, urllib3.exceptions.HTTPError)
 # Events for one endpoint that arrive within this many seconds are handled as one (a child
 # applied, its sibling's event not yet in), and a burst of pod events costs one pass.
 SETTLE_SECONDS = 0.5
-# Endpoint passes (drift checks, status refreshes) that run at once, each on a thread.
-CONCURRENT_PASSES = 4
+# Endpoint passes that run at once, each on a thread of its own: a pass mostly waits on the API
+# server, so this bounds the requests in flight more than the CPU.
+CONCURRENT_PASSES = 16
 LABELLED = {naming.ENDPOINT_LABEL: kopf.PRESENT}
 
 
@@ -100,17 +103,12 @@ def _values(index: kopf.Index[EndpointKey, Any], key: EndpointKey) -> list[Any]:
         return []
 
 
-# ---- startup: settings, clients, the reconciler, the drift timer ------------------------------
+# ---- startup: settings, clients, the reconciler, the passes and the drift timer ---------------
 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **indexes: Any) -> None:
     operator_settings = OperatorSettings()
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=naming.KOPF_PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=naming.KOPF_PREFIX, key="last-handled-configuration"
-    )
-    settings.posting.level = logging.WARNING
     timeouts = operator_settings.api_timeouts
     # Every request and watch of kopf's own is bounded too: a watch on a connection that went
     # silent ends (no bookmark within the inactivity bound, or its whole duration passed) and
@@ -121,7 +119,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **indexes: Any) 
     settings.watching.server_timeout = timeouts.watch_seconds
     settings.watching.client_timeout = timeouts.watch_seconds + timeouts.request_seconds
     settings.watching.inactivity_timeout = timeouts.watch_inactivity_seconds
-    settings.execution.max_workers = 16
+    settings.posting.enabled = False  # the operator posts its own Events (Ready transitions)
 
     # kopf passes every index by its function's name.
     children: dict[str, kopf.Index[EndpointKey, Any]] = {
@@ -136,7 +134,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **indexes: Any) 
         found = {kind: values[0] for kind, index in children.items() if (values := _values(index, key))}
         return Seen(children=found, pods=_values(pods, key))
 
-    kube = Kube(operator_settings.field_manager, BoundedApiClient(load_config(), timeouts))
+    configuration = load_config()
+    configuration.connection_pool_maxsize = CONCURRENT_PASSES  # one connection per pass thread
+    kube = Kube(operator_settings.field_manager, BoundedApiClient(configuration, timeouts))
     memo.operator_settings = operator_settings
     memo.reconciler = Reconciler(kube, operator_settings, look)
     memo.endpoints = indexes["endpoint_index"]
@@ -145,13 +145,19 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **indexes: Any) 
 @kopf.on.startup()
 async def start_passes(memo: kopf.Memo, **_: Any) -> None:
     reconciler: Reconciler = memo.reconciler
+    threads = concurrent.futures.ThreadPoolExecutor(CONCURRENT_PASSES, thread_name_prefix="pass")
+    loop = asyncio.get_running_loop()
 
     async def one_pass(key: EndpointKey) -> None:
         bodies = _values(memo.endpoints, key)
-        if bodies and not bodies[0]["metadata"].get("deletionTimestamp"):
-            await asyncio.to_thread(_correct_drift, reconciler, bodies[0])
+        if not bodies or bodies[0]["metadata"].get("deletionTimestamp"):
+            return
+        retry_in = await loop.run_in_executor(threads, _pass, reconciler, bodies[0])
+        if retry_in is not None:
+            passes.request_later(key, retry_in)
 
-    memo.passes = Coalescer(one_pass, limit=CONCURRENT_PASSES, settle=SETTLE_SECONDS)
+    passes = Coalescer(one_pass, limit=CONCURRENT_PASSES)
+    memo.passes, memo.threads = passes, threads
     memo.drift_loop = asyncio.create_task(_check_drift_forever(memo))
 
 
@@ -163,6 +169,9 @@ async def stop_passes(memo: kopf.Memo, **_: Any) -> None:
     passes = memo.get("passes")
     if passes:
         await passes.close()
+    threads = memo.get("threads")
+    if threads:
+        threads.shutdown(wait=False, cancel_futures=True)
 
 
 async def _check_drift_forever(memo: kopf.Memo) -> None:
@@ -174,45 +183,41 @@ async def _check_drift_forever(memo: kopf.Memo) -> None:
             memo.passes.request(key)
 
 
-def _correct_drift(reconciler: Reconciler, body: dict[str, Any]) -> None:
+def _pass(reconciler: Reconciler, body: dict[str, Any]) -> float | None:
+    """One pass over an endpoint; the seconds after which to try again when it failed, else None.
+
+    A spec that cannot be served is not retried: its status and Event say why, and the next
+    change of the spec is a new pass."""
     meta = body["metadata"]
+    where = f"{meta['namespace']}/{meta['name']}"
     try:
         reconciler.correct_drift(body)
-    except (InvalidSpec, NotYet) as error:
-        log.debug("drift check of %s/%s: %s", meta["namespace"], meta["name"], error)
-    except ApiError as error:  # the next pass tries again; nothing is half-applied by SSA
-        log.warning("drift check of %s/%s failed: %s", meta["namespace"], meta["name"], _api_failure(error)[0])
-
-
-# ---- the endpoint's own changes ---------------------------------------------------------------
-
-
-def _reconcile(reconciler: Reconciler, body: kopf.Body) -> None:
-    try:
-        reconciler.reconcile(dict(body))
     except InvalidSpec as error:
-        raise kopf.PermanentError(str(error)) from None
+        log.info("%s cannot be served: %s", where, error)
     except NotYet as error:
-        raise kopf.TemporaryError(str(error), delay=error.delay) from None
-    except ApiError as error:
+        log.warning("%s waits: %s; trying again in %.0fs", where, error, error.delay)
+        return error.delay
+    except ApiError as error:  # nothing is half-applied by server-side apply: try it all again
         reason, delay = _api_failure(error)
-        raise kopf.TemporaryError(reason, delay=delay) from None
+        log.warning("%s not reconciled: %s; trying again in %.0fs", where, reason, delay)
+        return delay
+    return None
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def apply_endpoint(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile(memo.reconciler, body)
+# ---- events: one coalesced pass per endpoint --------------------------------------------------
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def endpoint_gone(event: kopf.RawEvent, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def endpoint_changed(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **_: Any
+) -> None:
+    """A new endpoint or a new generation of its spec gets a pass at once; the operator's own
+    status writes (same generation) get none."""
+    key = (namespace or "", name)
     if event.get("type") == "DELETED":
-        memo.reconciler.forget(namespace or "", name)
-
-
-# ---- children and pods: one coalesced pass per endpoint ---------------------------------------
+        memo.reconciler.forget(*key)
+    elif not body.get("metadata", {}).get("deletionTimestamp") and not memo.reconciler.is_current(dict(body)):
+        memo.passes.request(key)
 
 
 @kopf.on.event(naming.RAY_GROUP, naming.RAY_VERSION, "rayservices", labels=LABELLED)
@@ -221,4 +226,4 @@ def endpoint_gone(event: kopf.RawEvent, namespace: str | None, name: str, memo: 
 @kopf.on.event("", "v1", "pods", labels=LABELLED)
 async def child_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
     """A child changed or went (it is applied again), or a pod did (status follows)."""
-    memo.passes.request(_child_key(namespace, labels))
+    memo.passes.request(_child_key(namespace, labels), settle=SETTLE_SECONDS)

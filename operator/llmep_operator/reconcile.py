@@ -110,6 +110,15 @@ class Reconciler:
         for memory in (self._written, self._checked, self._bounds_synced):
             memory.pop((namespace, name), None)
 
+    def is_current(self, body: dict[str, Any]) -> bool:
+        """Whether this generation of the endpoint was already applied (or found invalid) here."""
+        meta = body["metadata"]
+        checked = self._checked.get((meta["namespace"], meta["name"]))
+        return checked is not None and (checked.uid, checked.observation.generation) == (
+            meta.get("uid"),
+            meta.get("generation", 0),
+        )
+
     def reconcile(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """Bring every child to the spec and the status to what the cluster shows.
 
@@ -138,7 +147,7 @@ class Reconciler:
         obs = wanted.observation
         if wanted.children is None:
             # Nothing is applied for a spec that cannot work: no half-built endpoint.
-            self._checked.pop(key, None)
+            self._checked[key] = Checked(meta.get("uid"), dataclasses.replace(obs), {}, {})
             self._write_status(body, obs)
             raise InvalidSpec(obs.invalid or "invalid spec")
         seen = self.look(*key)

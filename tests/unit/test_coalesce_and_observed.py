@@ -23,9 +23,9 @@ def test_a_burst_of_requests_for_one_key_runs_the_work_once_after_it_settles():
         runs.append(key)
 
     async def main() -> None:
-        passes = Coalescer(work, settle=0.05)
+        passes = Coalescer(work)
         for _ in range(50):
-            passes.request("team-a/qwen")
+            passes.request("team-a/qwen", settle=0.05)
         passes.request("team-b/llama")
         while passes.pending:
             await asyncio.sleep(0.01)
@@ -61,6 +61,28 @@ def test_requests_during_a_run_make_exactly_one_more_run_and_never_two_at_once()
     asyncio.run(main())
     assert runs == ["k", "k"]
     assert overlapping == []
+
+
+def test_a_retry_comes_after_its_delay_and_the_earliest_of_two_wins():
+    runs: list[float] = []
+
+    async def work(key: str) -> None:
+        runs.append(asyncio.get_running_loop().time())
+
+    async def main() -> float:
+        passes = Coalescer(work)
+        start = asyncio.get_running_loop().time()
+        passes.request_later("k", 0.3)
+        passes.request_later("k", 0.1)
+        passes.request_later("k", 0.5)
+        while not runs:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # long enough for a later timer to have fired had it been kept
+        return start
+
+    start = asyncio.run(main())
+    assert len(runs) == 1
+    assert 0.1 <= runs[0] - start < 0.3
 
 
 def test_a_failing_key_does_not_stop_the_others_and_at_most_limit_run_at_once():
