@@ -256,6 +256,19 @@ def apiserver_writes(api: k8s.ApiClient) -> collections.Counter:
     return counts
 
 
+def apiserver_time(api: k8s.ApiClient) -> collections.Counter:
+    """Seconds the API server spent answering, by (verb, resource) (apiserver_request_duration_seconds_sum)."""
+    data = api.call_api("GET", api.configuration.host + "/metrics").read()
+    spent: collections.Counter = collections.Counter()
+    for line in data.decode().splitlines():
+        if line.startswith("apiserver_request_duration_seconds_sum{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            if labels.get("verb") != "WATCH":
+                sub = "/" + labels["subresource"] if labels.get("subresource") else ""
+                spent[(labels.get("verb", ""), labels.get("resource", "") + sub)] += float(line.rsplit(" ", 1)[1])
+    return spent
+
+
 def vm(pid: int, key: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -359,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{len(single)} single applies: p50 {percentile(single, 50) * 1000:.0f} ms; creating the endpoints")
 
         names = [f"ep-{i:05d}" for i in range(args.count)]
+        spent_before = apiserver_time(api)
         t_first = time.monotonic()
         created = create_all(
             names,
@@ -383,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         t_last = max((t for t in done.values() if t is not None), default=t_first)
         rate = len(latencies) / (t_last - t_first) if latencies else 0.0
         crd_lat = [b - a for a, b in created.values()]
+
+        spent = apiserver_time(api)
+        spent.subtract(spent_before)
 
         # ---- steady window ----------------------------------------------------------------------
         steady_from = oplog_path.stat().st_size
@@ -459,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {verb:<6} {res:<24} {v:8.0f}")
         if not writes:
             print("  none")
+        print("API server time answering requests during the burst, by verb and resource (top 8, seconds):")
+        for (verb, res), v in spent.most_common(8):
+            print(f"  {verb:<6} {res:<28} {v:8.1f}")
         if retries:
             print("steady-window retry lines (first 5):")
             for ln in retries[:5]:

@@ -26,7 +26,7 @@ from llmep_operator.api import GROUP, PLURAL, VERSION
 from llmep_operator.coalesce import Coalescer
 from llmep_operator.errors import InvalidSpec, NotYet
 from llmep_operator.kube import BoundedApiClient, Kube, load_config
-from llmep_operator.observed import Seen, slim, slim_pod
+from llmep_operator.observed import Seen, slim, slim_child, slim_pod
 from llmep_operator.reconcile import EndpointKey, Reconciler
 from llmep_operator.settings import OperatorSettings
 
@@ -78,17 +78,17 @@ def _child_key(namespace: str | None, labels: kopf.Labels) -> EndpointKey:
 
 @kopf.index(naming.RAY_GROUP, naming.RAY_VERSION, "rayservices", labels=LABELLED)
 def rayservice_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[EndpointKey, Any]:
-    return {_child_key(namespace, labels): slim(body)}
+    return {_child_key(namespace, labels): slim_child(body)}
 
 
 @kopf.index("", "v1", "services", labels=LABELLED)
 def service_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[EndpointKey, Any]:
-    return {_child_key(namespace, labels): slim(body)}
+    return {_child_key(namespace, labels): slim_child(body)}
 
 
 @kopf.index("", "v1", "persistentvolumeclaims", labels=LABELLED)
 def pvc_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[EndpointKey, Any]:
-    return {_child_key(namespace, labels): slim(body)}
+    return {_child_key(namespace, labels): slim_child(body)}
 
 
 @kopf.index("", "v1", "pods", labels=LABELLED)

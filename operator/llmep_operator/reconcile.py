@@ -156,7 +156,7 @@ class Reconciler:
         try:
             for child in wanted.children:
                 kind = child["kind"]
-                live = seen.children.get(kind)
+                live = seen.child(kind)
                 if not (only_drifted and kind in WATCHED_KINDS and covers(live, child)):
                     live = self._apply(child)
                     if kind not in WATCHED_KINDS:

@@ -11,7 +11,7 @@ import asyncio
 import pytest
 
 from llmep_operator.coalesce import Coalescer
-from llmep_operator.observed import covers, slim, slim_pod
+from llmep_operator.observed import Seen, covers, slim, slim_child, slim_pod
 
 pytestmark = pytest.mark.unit
 
@@ -171,3 +171,13 @@ def test_memory_keeps_what_the_reconciler_reads_and_drops_managed_fields():
         "metadata": {"name": "p", "labels": {"a": "b"}},
         "status": {"conditions": [{"type": "Ready", "status": "True"}]},
     }
+
+
+def test_a_child_kept_as_text_comes_back_whole_and_still_covers_what_was_rendered():
+    live = {**SERVICE, "metadata": {**SERVICE["metadata"], "managedFields": [{"manager": "x"}], "resourceVersion": "3"}}
+    kept = slim_child(live)
+    assert isinstance(kept["specJSON"], str) and "managedFields" not in kept["metadata"]
+    whole = Seen(children={"Service": kept}).child("Service")
+    assert whole["spec"] == SERVICE["spec"] and whole["metadata"]["resourceVersion"] == "3"
+    assert covers(whole, SERVICE)
+    assert Seen().child("Service") is None

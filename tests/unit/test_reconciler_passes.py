@@ -18,7 +18,7 @@ import pytest
 from kubernetes import client
 
 from llmep_operator.kube import BoundedApiClient, Kube
-from llmep_operator.observed import Seen, slim, slim_pod
+from llmep_operator.observed import Seen, slim_child, slim_pod
 from llmep_operator.reconcile import Reconciler
 from llmep_operator.settings import ApiTimeouts, OperatorSettings
 from tests.unit.stand_in_api import stand_in_api
@@ -53,10 +53,11 @@ class Cluster:
 
     def deliver(self) -> None:
         """The watches catch up with what is stored."""
-        self.watched = {kind: slim(copy.deepcopy(obj)) for kind, obj in self.stored.items()}
+        self.watched = copy.deepcopy(self.stored)
 
     def look(self, namespace: str, name: str) -> Seen:
-        return Seen(children=dict(self.watched), pods=[slim_pod(p) for p in self.pods])
+        children = {kind: slim_child(obj) for kind, obj in self.watched.items()}
+        return Seen(children=children, pods=[slim_pod(p) for p in self.pods])
 
     def calls(self) -> list[tuple[str, str]]:
         made, self.requests = self.requests, []
