@@ -328,6 +328,22 @@ def main(argv: list[str] | None = None) -> int:
         )
         cm_wall = time.monotonic() - t0
         cm_lat = [b - a for a, b in cm.values()]
+        # Every endpoint has a ClusterIP Service, whose IP the API server allocates in the create
+        # call (an IPAddress object): the API server's own ceiling for the operator's rate.
+        log(f"baseline: {args.count} ClusterIP Service creates with {args.threads} threads")
+        t0 = time.monotonic()
+        svc = create_all(
+            [f"svc-{i:05d}" for i in range(args.count)],
+            args.threads,
+            lambda n: core.create_namespaced_service(
+                ns,
+                k8s.V1Service(
+                    metadata=k8s.V1ObjectMeta(name=n),
+                    spec=k8s.V1ServiceSpec(selector={"none": n}, ports=[k8s.V1ServicePort(port=8000)]),
+                ),
+            ),
+        )
+        svc_wall = time.monotonic() - t0
 
         # ---- the operator ---------------------------------------------------------------------
         env = dict(
@@ -448,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             ("apply -> RayService+Service max", f"{max(latencies, default=float('nan')) * 1000:.0f} ms", ""),
             ("LLMEndpoints reconciled / s", f"{rate:.1f}", ">= 10% of CMs/s"),
             ("ConfigMaps created / s (baseline)", f"{len(cm) / cm_wall:.1f}", ""),
+            ("ClusterIP Services created / s (baseline)", f"{len(svc) / svc_wall:.1f}", ""),
             ("LLMEndpoints created / s (client side)", f"{len(created) / create_wall:.1f}", ""),
             ("operator RSS peak (VmHWM)", f"{rss_peak:.0f} MiB", "<= 150 MiB"),
             ("operator RSS at end (VmRSS)", f"{rss_now:.0f} MiB", ""),
@@ -465,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
             f"({rate:.1f} vs {len(cm) / cm_wall:.1f}); apply->children p95 vs ConfigMap create p95 = "
             f"{percentile(latencies, 95) / percentile(cm_lat, 95):.1f}x "
             f"({percentile(latencies, 95) * 1000:.0f} ms vs {percentile(cm_lat, 95) * 1000:.1f} ms)"
+        )
+        print(
+            f"ratio: reconciled/s vs raw ClusterIP Service creates/s = {rate / (len(svc) / svc_wall):.2f} "
+            f"({rate:.1f} vs {len(svc) / svc_wall:.1f}; each endpoint also creates a Service)"
         )
         print("anchor (published): controller-runtime ~20-50 objects/s")
         print()
@@ -495,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                     "max_ms": round(max(latencies, default=float("nan")) * 1000, 1),
                     "per_s": round(rate, 2),
                     "cm_per_s": round(len(cm) / cm_wall, 2),
+                    "svc_per_s": round(len(svc) / svc_wall, 2),
                     "rss_peak_mib": round(rss_peak, 1),
                     "steady_retries": len(retries),
                     "kuberay_stopped": rig.kuberay_stopped,

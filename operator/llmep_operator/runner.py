@@ -156,6 +156,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if not args.verbose:
+        # kopf logs every event handler's success (three lines per endpoint and per pod change);
+        # the operator's own lines say what it did.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     namespaces = args.namespace or OperatorSettings().namespaces
     if args.leader_elect:
         identity = f"{socket.gethostname()}-{os.getpid()}"
