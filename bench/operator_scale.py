@@ -316,25 +316,26 @@ def main(argv: list[str] | None = None) -> int:
         ns = f"bench-ops-{secrets.token_hex(3)}"
         core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=ns)))
 
-        # ---- baseline: N ConfigMaps, same threads, before the operator runs -------------------
-        log(f"baseline: {args.count} ConfigMap creates with {args.threads} threads")
-        t0 = time.monotonic()
-        cm = create_all(
-            [f"cm-{i:05d}" for i in range(args.count)],
-            args.threads,
+        # ---- baselines: N ConfigMaps and N ClusterIP Services, same threads, no operator yet ---
+        def baseline(what: str, prefix: str, create) -> tuple[dict[str, tuple[float, float]], float]:
+            log(f"baseline: {args.count} {what} creates with {args.threads} threads")
+            t0 = time.monotonic()
+            done = create_all([f"{prefix}-{i:05d}" for i in range(args.count)], args.threads, create)
+            return done, time.monotonic() - t0
+
+        cm, cm_wall = baseline(
+            "ConfigMap",
+            "cm",
             lambda n: core.create_namespaced_config_map(
                 ns, k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name=n), data={"k": "v"})
             ),
         )
-        cm_wall = time.monotonic() - t0
         cm_lat = [b - a for a, b in cm.values()]
         # Every endpoint has a ClusterIP Service, whose IP the API server allocates in the create
-        # call (an IPAddress object): the API server's own ceiling for the operator's rate.
-        log(f"baseline: {args.count} ClusterIP Service creates with {args.threads} threads")
-        t0 = time.monotonic()
-        svc = create_all(
-            [f"svc-{i:05d}" for i in range(args.count)],
-            args.threads,
+        # call (an IPAddress object).
+        svc, svc_wall = baseline(
+            "ClusterIP Service",
+            "svc",
             lambda n: core.create_namespaced_service(
                 ns,
                 k8s.V1Service(
@@ -343,7 +344,6 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             ),
         )
-        svc_wall = time.monotonic() - t0
 
         # ---- the operator ---------------------------------------------------------------------
         env = dict(
