@@ -24,7 +24,7 @@ from llmep_operator.naming import ENDPOINT_LABEL, RAY_GROUP, RAY_VERSION
 from llmep_operator.runner import LEASE_DURATION_SECONDS, RENEW_DEADLINE_SECONDS, RETRY_PERIOD_SECONDS
 from tests.cluster.conftest import Cluster, wait_until
 from tests.cluster.operator_identity import operator_identity
-from tests.reliability.stack import Proc, _spawn, free_port, wait_http
+from tests.reliability.stack import Proc, free_port, spawn, wait_http
 
 pytestmark = pytest.mark.cluster
 
@@ -133,7 +133,7 @@ def start_replica(cluster: Cluster, namespace: str, crd: None, tmp_path: Path) -
         argv = [sys.executable, "-m", "llmep_serving.cli", "operator", "--namespace", namespace]
         argv += ["--leader-elect", "--lease-name", LEASE, "--lease-namespace", namespace, "--liveness", liveness]
         env = {"KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
-        replica = Replica(_spawn(argv, tmp_path / f"replica-{len(started)}.log", env), liveness)
+        replica = Replica(spawn(argv, tmp_path / f"replica-{len(started)}.log", env), liveness)
         started.append(replica)
         return replica
 

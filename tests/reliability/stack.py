@@ -118,7 +118,8 @@ def _status_kib(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
-def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Proc:
+def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Proc:
+    """Start `argv` with its output in `log`, without the caller's KUBECONFIG unless `env` names one."""
     base = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
     with log.open("ab") as out:
         proc = subprocess.Popen(
@@ -131,7 +132,7 @@ def start_backend(port: int, name: str, logs: Path, received: Path | None = None
     """fake_openai_backend.py on PORT; with `received`, every prompt it gets is appended there."""
     argv = [sys.executable, str(HERE / "fake_openai_backend.py"), str(port), name]
     argv += [str(received)] if received else []
-    p = _spawn(argv, logs / f"backend-{name}.log")
+    p = spawn(argv, logs / f"backend-{name}.log")
     wait_port(port, proc=p.proc)
     return p
 
@@ -139,6 +140,6 @@ def start_backend(port: int, name: str, logs: Path, received: Path | None = None
 def start_gateway(port: int, logs: Path, *args: str, env: dict[str, str] | None = None, name: str = "gateway") -> Proc:
     """`llmep gateway --host 127.0.0.1 --port PORT ARGS...`, waited for until /readyz is 200."""
     argv = [sys.executable, "-m", "llmep_serving.cli", "gateway", "--host", "127.0.0.1", "--port", str(port), *args]
-    p = _spawn(argv, logs / f"{name}.log", env)
+    p = spawn(argv, logs / f"{name}.log", env)
     wait_http(f"http://127.0.0.1:{port}/readyz", proc=p.proc)
     return p
