@@ -94,7 +94,14 @@ def _elect_leader(lease_name: str, lease_namespace: str, identity: str, configur
     thread = threading.Thread(target=leaderelection.LeaderElection(config).run, name="leader-election", daemon=True)
     thread.start()
     log.info("waiting to become leader of %s/%s as %s", lease_namespace, lease_name, identity)
-    leading.wait()
+    while not leading.wait(timeout=RETRY_PERIOD_SECONDS):
+        if not thread.is_alive():
+            # The election ended without leadership (an error in the client): a standby that
+            # waited on would answer its liveness probe forever and never take over.
+            log.error(
+                "the leader election of %s/%s ended without this replica leading; exiting", lease_namespace, lease_name
+            )
+            raise SystemExit(1)
     log.info("became leader as %s", identity)
 
 
