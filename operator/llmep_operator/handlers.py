@@ -65,10 +65,13 @@ def _server_message(error: ApiException) -> str:
 
 
 # ---- what the watches show, in memory ---------------------------------------------------------
+# Coroutines, so kopf runs them in its event loop rather than handing every event to a thread.
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def endpoint_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[EndpointKey, dict[str, Any]]:
+async def endpoint_index(
+    namespace: str | None, name: str, body: kopf.Body, **_: Any
+) -> dict[EndpointKey, dict[str, Any]]:
     return {(namespace or "", name): slim(body)}
 
 
@@ -77,22 +80,26 @@ def _child_key(namespace: str | None, labels: kopf.Labels) -> EndpointKey:
 
 
 @kopf.index(naming.RAY_GROUP, naming.RAY_VERSION, "rayservices", labels=LABELLED)
-def rayservice_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[EndpointKey, Any]:
+async def rayservice_index(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[EndpointKey, Any]:
     return {_child_key(namespace, labels): slim_child(body)}
 
 
 @kopf.index("", "v1", "services", labels=LABELLED)
-def service_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[EndpointKey, Any]:
+async def service_index(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[EndpointKey, Any]:
     return {_child_key(namespace, labels): slim_child(body)}
 
 
 @kopf.index("", "v1", "persistentvolumeclaims", labels=LABELLED)
-def pvc_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[EndpointKey, Any]:
+async def pvc_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[EndpointKey, Any]:
     return {_child_key(namespace, labels): slim_child(body)}
 
 
 @kopf.index("", "v1", "pods", labels=LABELLED)
-def pod_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[EndpointKey, Any]:
+async def pod_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[EndpointKey, Any]:
     return {_child_key(namespace, labels): slim_pod(body)}
 
 

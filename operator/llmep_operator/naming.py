@@ -15,7 +15,6 @@ RAY_API_VERSION = f"{RAY_GROUP}/{RAY_VERSION}"
 SERVE_LABEL = "ray.io/serve"  # KubeRay marks pods whose Serve proxy is healthy
 WORKER_GROUP = "workers"
 APP_NAME = "llm"
-KOPF_PREFIX = GROUP  # kopf's progress and diff-base annotations live under llmep.io
 
 
 class NameTooLong(InvalidSpec):

@@ -421,7 +421,6 @@ OPERATOR_NAMESPACED = [
     ("get", "llmendpoints.llmep.io", ""),
     ("list", "llmendpoints.llmep.io", ""),
     ("watch", "llmendpoints.llmep.io", ""),
-    ("patch", "llmendpoints.llmep.io", ""),
     ("patch", "llmendpoints.llmep.io", "status"),
     ("update", "llmendpoints.llmep.io", "finalizers"),
     ("create", "rayservices.ray.io", ""),
@@ -442,6 +441,7 @@ OPERATOR_DENIED = [
     ("delete", "rayservices.ray.io", ""),
     ("create", "pods", ""),
     ("update", "llmendpoints.llmep.io", ""),
+    ("patch", "llmendpoints.llmep.io", ""),  # the operator writes only status
 ]
 
 

@@ -111,8 +111,8 @@ seccompProfile:
 {{- define "llmep.operator.rules" -}}
 - apiGroups: [llmep.io]
   resources: [llmendpoints]
-  # kopf records progress in annotations and may add its finalizer: patch.
-  verbs: [get, list, watch, patch]
+  # Read only: the operator writes status alone (no kopf annotations, no finalizer).
+  verbs: [get, list, watch]
 - apiGroups: [llmep.io]
   resources: [llmendpoints/status]
   verbs: [get, patch]
