@@ -198,7 +198,7 @@ def _pass(reconciler: Reconciler, body: dict[str, Any]) -> float | None:
     meta = body["metadata"]
     where = f"{meta['namespace']}/{meta['name']}"
     try:
-        reconciler.correct_drift(body)
+        reconciler.reconcile(body)
     except InvalidSpec as error:
         log.info("%s cannot be served: %s", where, error)
     except NotYet as error:

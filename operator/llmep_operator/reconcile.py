@@ -1,9 +1,9 @@
-"""One idempotent reconcile for create, update, resume and the drift timer; no kopf in here.
+"""One idempotent reconcile, the pass every change of an endpoint asks for; no kopf in here.
 
-Flow: parse and plan (pure) -> apply every child with server-side apply -> observe the
-RayService and pods (from the watches' memory, `Seen`) -> write status when it changed -> post
-an Event when Ready flipped. A drift check applies only the children that are missing or differ;
-either writes status only when it changed.
+Flow: parse, plan and render (pure) -> compare each child with what the watches show (`Seen`)
+and apply, by server-side apply, only those missing or different -> observe the RayService and
+pods -> write status when it changed -> post an Event when Ready flipped. When no child changed
+since it was last applied or checked, the pass renders nothing and only looks at status.
 """
 
 from __future__ import annotations
@@ -120,15 +120,12 @@ class Reconciler:
         )
 
     def reconcile(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        """Bring every child to the spec and the status to what the cluster shows.
+        """One pass: apply the children that are missing or differ from the spec, then bring the
+        status to what the cluster shows; when no child changed since it was last applied or
+        checked, only status is looked at.
 
         Raises InvalidSpec (after writing status and an Event) when the spec cannot be served,
         and NotYet when KubeRay is missing."""
-        return self._reconcile(body, only_drifted=False)
-
-    def correct_drift(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        """As reconcile, but apply only the children that are missing or differ from the spec;
-        when none changed since they were last checked, only status is looked at."""
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         checked = self._checked.get(key)
@@ -138,9 +135,9 @@ class Reconciler:
             if seen.rayservice:
                 self._sync_worker_bounds(key, seen.rayservice)
             return self._write_status(body, obs)
-        return self._reconcile(body, only_drifted=True)
+        return self._apply_drifted(body)
 
-    def _reconcile(self, body: dict[str, Any], *, only_drifted: bool) -> dict[str, Any] | None:
+    def _apply_drifted(self, body: dict[str, Any]) -> dict[str, Any] | None:
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         wanted = desired(body, self.settings)
@@ -157,7 +154,7 @@ class Reconciler:
             for child in wanted.children:
                 kind = child["kind"]
                 live = seen.child(kind)
-                if not (only_drifted and kind in WATCHED_KINDS and covers(live, child)):
+                if not (kind in WATCHED_KINDS and covers(live, child)):
                     live = self._apply(child)
                     if kind not in WATCHED_KINDS:
                         checked.applied_at[kind] = time.monotonic()

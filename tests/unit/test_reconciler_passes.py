@@ -90,7 +90,7 @@ def test_a_pass_over_unchanged_children_makes_no_api_call(cluster):
     assert stand_in.calls() == [("PATCH", RAYSERVICE), ("PATCH", SERVICE), ("PATCH", STATUS), ("POST", EVENTS)]
     stand_in.deliver()
     for _ in range(3):  # child events, the drift timer
-        reconciler.correct_drift(_body())
+        reconciler.reconcile(_body())
     assert stand_in.calls() == []
 
 
@@ -100,7 +100,7 @@ def test_a_deleted_child_is_applied_again_and_nothing_else(cluster):
     stand_in.deliver()
     stand_in.calls()
     del stand_in.watched["Service"]  # its DELETED event
-    reconciler.correct_drift(_body())
+    reconciler.reconcile(_body())
     assert stand_in.calls() == [("PATCH", SERVICE)]
 
 
@@ -112,7 +112,7 @@ def test_a_hand_edit_of_an_owned_field_is_put_back(cluster):
     edited = stand_in.watched["Service"]
     edited["spec"]["type"] = "NodePort"
     edited["metadata"]["resourceVersion"] = "555"
-    reconciler.correct_drift(_body())
+    reconciler.reconcile(_body())
     assert stand_in.calls() == [("PATCH", SERVICE)]
 
 
@@ -125,8 +125,8 @@ def test_a_change_the_operator_does_not_own_is_left_alone_without_an_apply(clust
     rayservice = stand_in.watched["RayService"]
     rayservice["metadata"]["resourceVersion"] = "556"
     rayservice["metadata"]["annotations"] = {"someone.else/note": "x"}
-    reconciler.correct_drift(_body())
-    reconciler.correct_drift(_body())
+    reconciler.reconcile(_body())
+    reconciler.reconcile(_body())
     assert stand_in.calls() == []
 
 
@@ -141,8 +141,8 @@ def test_status_and_its_event_are_written_once_when_a_pod_becomes_ready(cluster)
             "status": {"conditions": [{"type": "Ready", "status": "True"}]},
         }
     ]
-    written = reconciler.correct_drift(_body())
-    reconciler.correct_drift(_body())  # the watch has not shown the write yet: still no second one
+    written = reconciler.reconcile(_body())
+    reconciler.reconcile(_body())  # the watch has not shown the write yet: still no second one
     assert stand_in.calls() == [("PATCH", STATUS), ("POST", EVENTS)]
     ready = next(c for c in written["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "LoadingModel")
