@@ -78,9 +78,13 @@ class Checked:
     versions: dict[str, str]  # kind -> resourceVersion, watched kinds
     applied_at: dict[str, float]  # kind -> monotonic time, unwatched kinds
 
-    def still_holds(self, body: dict[str, Any], seen: Seen, now: float, period: float) -> bool:
+    def is_for(self, body: dict[str, Any]) -> bool:
+        """Whether `body` is the endpoint and generation this was checked for."""
         meta = body["metadata"]
-        if (meta.get("uid"), meta.get("generation", 0)) != (self.uid, self.observation.generation):
+        return (meta.get("uid"), meta.get("generation", 0)) == (self.uid, self.observation.generation)
+
+    def still_holds(self, body: dict[str, Any], seen: Seen, now: float, period: float) -> bool:
+        if not self.is_for(body):
             return False
         live = {kind: _version(child) for kind, child in seen.children.items()}
         due = any(now - at >= period for at in self.applied_at.values())
@@ -114,10 +118,7 @@ class Reconciler:
         """Whether this generation of the endpoint was already applied (or found invalid) here."""
         meta = body["metadata"]
         checked = self._checked.get((meta["namespace"], meta["name"]))
-        return checked is not None and (checked.uid, checked.observation.generation) == (
-            meta.get("uid"),
-            meta.get("generation", 0),
-        )
+        return checked is not None and checked.is_for(body)
 
     def reconcile(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """One pass: apply the children that are missing or differ from the spec, then bring the
@@ -135,20 +136,19 @@ class Reconciler:
             if seen.rayservice:
                 self._sync_worker_bounds(key, seen.rayservice)
             return self._write_status(body, obs)
-        return self._apply_drifted(body)
+        return self._apply_drifted(body, seen)
 
-    def _apply_drifted(self, body: dict[str, Any]) -> dict[str, Any] | None:
+    def _apply_drifted(self, body: dict[str, Any], seen: Seen) -> dict[str, Any] | None:
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         wanted = desired(body, self.settings)
         obs = wanted.observation
+        checked = Checked(meta.get("uid"), dataclasses.replace(obs), {}, {})
         if wanted.children is None:
             # Nothing is applied for a spec that cannot work: no half-built endpoint.
-            self._checked[key] = Checked(meta.get("uid"), dataclasses.replace(obs), {}, {})
+            self._checked[key] = checked
             self._write_status(body, obs)
             raise InvalidSpec(obs.invalid or "invalid spec")
-        seen = self.look(*key)
-        checked = Checked(meta.get("uid"), dataclasses.replace(obs), {}, {})
         rayservice = seen.rayservice
         try:
             for child in wanted.children:
@@ -226,11 +226,11 @@ class Reconciler:
     def _write_status(self, body: dict[str, Any], obs: Observation | None) -> dict[str, Any] | None:
         """Write the status `obs` gives, over the very version of the endpoint it was observed after.
 
-        Handlers and the coalesced passes (child events, the drift timer) write status. Each patches only the
-        resourceVersion of the body it observed after; a 409 means another write got in between,
-        so it reads the endpoint and looks again. Writes thus land in the order of their
-        observations: neither observedGeneration nor Ready goes back. Returns the status written
-        (or found equal), None when there was nothing to report."""
+        Passes over one endpoint never overlap here, but another writer (a former leader still
+        finishing) may. Each write patches only the resourceVersion of the body it observed after;
+        a 409 means another write got in between, so it reads the endpoint and looks again. Writes
+        thus land in the order of their observations: neither observedGeneration nor Ready goes
+        back. Returns the status written (or found equal), None when there was nothing to report."""
         attempt = 1
         while obs is not None:
             meta = body["metadata"]
