@@ -12,6 +12,7 @@ import pytest
 
 from llmep_operator.coalesce import Coalescer
 from llmep_operator.observed import Seen, covers, slim, slim_child, slim_pod
+from tests.unit.gateway.conftest import until
 
 pytestmark = pytest.mark.unit
 
@@ -27,8 +28,7 @@ def test_a_burst_of_requests_for_one_key_runs_the_work_once_after_it_settles():
         for _ in range(50):
             passes.request("team-a/qwen", settle=0.05)
         passes.request("team-b/llama")
-        while passes.pending:
-            await asyncio.sleep(0.01)
+        await until(lambda: not passes.pending)
 
     asyncio.run(main())
     assert sorted(runs) == ["team-a/qwen", "team-b/llama"]
@@ -55,8 +55,7 @@ def test_requests_during_a_run_make_exactly_one_more_run_and_never_two_at_once()
         for _ in range(10):  # changes announced while the first run is under way
             passes.request("k")
         release.set()
-        while passes.pending:
-            await asyncio.sleep(0.01)
+        await until(lambda: not passes.pending)
 
     asyncio.run(main())
     assert runs == ["k", "k"]
@@ -64,10 +63,10 @@ def test_requests_during_a_run_make_exactly_one_more_run_and_never_two_at_once()
 
 
 def test_a_retry_comes_after_its_delay_and_the_earliest_of_two_wins():
-    runs: list[float] = []
+    runs: list[tuple[str, float]] = []
 
     async def work(key: str) -> None:
-        runs.append(asyncio.get_running_loop().time())
+        runs.append((key, asyncio.get_running_loop().time()))
 
     async def main() -> float:
         passes = Coalescer(work)
@@ -75,14 +74,15 @@ def test_a_retry_comes_after_its_delay_and_the_earliest_of_two_wins():
         passes.request_later("k", 0.3)
         passes.request_later("k", 0.1)
         passes.request_later("k", 0.5)
-        while not runs:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.5)  # long enough for a later timer to have fired had it been kept
+        # Timers fire in deadline order: once this one has run, a kept 0.3 or 0.5 s timer would have too.
+        passes.request_later("after-all", 0.6)
+        await until(lambda: any(key == "after-all" for key, _ in runs))
         return start
 
     start = asyncio.run(main())
-    assert len(runs) == 1
-    assert 0.1 <= runs[0] - start < 0.3
+    k_runs = [at - start for key, at in runs if key == "k"]
+    assert len(k_runs) == 1
+    assert 0.1 <= k_runs[0] < 0.3
 
 
 def test_a_failing_key_does_not_stop_the_others_and_at_most_limit_run_at_once():
@@ -90,22 +90,25 @@ def test_a_failing_key_does_not_stop_the_others_and_at_most_limit_run_at_once():
     peak = 0
     running = 0
 
-    async def work(key: int) -> None:
-        nonlocal peak, running
-        running += 1
-        peak = max(peak, running)
-        await asyncio.sleep(0.01)
-        running -= 1
-        if key == 3:
-            raise RuntimeError("boom")
-        done.append(key)
-
     async def main() -> None:
+        release = asyncio.Event()  # runs hold their slot until the test has seen them pile up
+
+        async def work(key: int) -> None:
+            nonlocal peak, running
+            running += 1
+            peak = max(peak, running)
+            await release.wait()
+            running -= 1
+            if key == 3:
+                raise RuntimeError("boom")
+            done.append(key)
+
         passes = Coalescer(work, limit=2)
         for key in range(8):
             passes.request(key)
-        while passes.pending:
-            await asyncio.sleep(0.01)
+        await until(lambda: running >= 2)  # every task has had its turn; only two got a slot
+        release.set()
+        await until(lambda: not passes.pending)
 
     asyncio.run(main())
     assert sorted(done) == [0, 1, 2, 4, 5, 6, 7]
