@@ -84,6 +84,15 @@ def _body() -> dict:
     return copy.deepcopy(BODY)
 
 
+def reconciled(cluster: tuple[Cluster, Reconciler]) -> tuple[Cluster, Reconciler]:
+    """The endpoint reconciled once, the watches caught up, and the calls so far set aside."""
+    stand_in, reconciler = cluster
+    reconciler.reconcile(_body())
+    stand_in.deliver()
+    stand_in.calls()
+    return stand_in, reconciler
+
+
 def test_a_pass_over_unchanged_children_makes_no_api_call(cluster):
     stand_in, reconciler = cluster
     reconciler.reconcile(_body())
@@ -95,20 +104,14 @@ def test_a_pass_over_unchanged_children_makes_no_api_call(cluster):
 
 
 def test_a_deleted_child_is_applied_again_and_nothing_else(cluster):
-    stand_in, reconciler = cluster
-    reconciler.reconcile(_body())
-    stand_in.deliver()
-    stand_in.calls()
+    stand_in, reconciler = reconciled(cluster)
     del stand_in.watched["Service"]  # its DELETED event
     reconciler.reconcile(_body())
     assert stand_in.calls() == [("PATCH", SERVICE)]
 
 
 def test_a_hand_edit_of_an_owned_field_is_put_back(cluster):
-    stand_in, reconciler = cluster
-    reconciler.reconcile(_body())
-    stand_in.deliver()
-    stand_in.calls()
+    stand_in, reconciler = reconciled(cluster)
     edited = stand_in.watched["Service"]
     edited["spec"]["type"] = "NodePort"
     edited["metadata"]["resourceVersion"] = "555"
@@ -118,10 +121,7 @@ def test_a_hand_edit_of_an_owned_field_is_put_back(cluster):
 
 def test_a_change_the_operator_does_not_own_is_left_alone_without_an_apply(cluster):
     """KubeRay writes the RayService's status: a new resourceVersion, nothing to put back."""
-    stand_in, reconciler = cluster
-    reconciler.reconcile(_body())
-    stand_in.deliver()
-    stand_in.calls()
+    stand_in, reconciler = reconciled(cluster)
     rayservice = stand_in.watched["RayService"]
     rayservice["metadata"]["resourceVersion"] = "556"
     rayservice["metadata"]["annotations"] = {"someone.else/note": "x"}
@@ -131,10 +131,7 @@ def test_a_change_the_operator_does_not_own_is_left_alone_without_an_apply(clust
 
 
 def test_status_and_its_event_are_written_once_when_a_pod_becomes_ready(cluster):
-    stand_in, reconciler = cluster
-    reconciler.reconcile(_body())
-    stand_in.deliver()
-    stand_in.calls()
+    stand_in, reconciler = reconciled(cluster)
     stand_in.pods = [
         {
             "metadata": {"name": "qwen-workers-1", "labels": {"ray.io/node-type": "worker"}},
