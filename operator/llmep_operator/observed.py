@@ -83,11 +83,6 @@ class Seen:
 Look = Callable[[str, str], Seen]
 
 
-def nothing_seen(namespace: str, name: str) -> Seen:
-    """For a reconcile that has no watches behind it (a one-off run, a test): nothing is known."""
-    return Seen()
-
-
 def covers(live: Any, wanted: Any) -> bool:
     """Whether `live` holds every field of `wanted` with the same value.
 

@@ -9,6 +9,8 @@ import http.server
 import threading
 from collections.abc import Callable, Iterator
 
+from llmep_operator.observed import Seen
+
 # (method, path, request body) -> (status code, content type, response body)
 Answer = Callable[[str, str, bytes], tuple[int, str, bytes]]
 
@@ -39,3 +41,8 @@ def stand_in_api(answer: Answer) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def nothing_seen(namespace: str, name: str) -> Seen:
+    """The watches' memory of a Reconciler that talks only to a stand-in: nothing is known."""
+    return Seen()

@@ -20,11 +20,10 @@ from kubernetes.leaderelection.leaderelectionrecord import LeaderElectionRecord
 
 from llmep_operator import handlers
 from llmep_operator.kube import BoundedApiClient, Kube
-from llmep_operator.observed import nothing_seen
 from llmep_operator.reconcile import Reconciler
 from llmep_operator.runner import RENEW_DEADLINE_SECONDS, _lease_lock
 from llmep_operator.settings import ApiTimeouts, OperatorSettings
-from tests.unit.stand_in_api import stand_in_api
+from tests.unit.stand_in_api import nothing_seen, stand_in_api
 
 pytestmark = pytest.mark.unit
 NOW = str(datetime.now())

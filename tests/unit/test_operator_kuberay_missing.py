@@ -20,10 +20,9 @@ from kubernetes import client
 from llmep_operator import handlers
 from llmep_operator.errors import NotYet
 from llmep_operator.kube import BoundedApiClient, Kube
-from llmep_operator.observed import nothing_seen
 from llmep_operator.reconcile import Reconciler
 from llmep_operator.settings import ApiTimeouts, OperatorSettings
-from tests.unit.stand_in_api import stand_in_api
+from tests.unit.stand_in_api import nothing_seen, stand_in_api
 
 pytestmark = pytest.mark.unit
 MESSAGE = "the RayService CRD (ray.io/v1) is not installed: install KubeRay first"
