@@ -26,7 +26,7 @@ from llmep_operator.api import GROUP, PLURAL, VERSION
 from llmep_operator.coalesce import Coalescer
 from llmep_operator.errors import InvalidSpec, NotYet
 from llmep_operator.kube import BoundedApiClient, Kube, load_config
-from llmep_operator.observed import Seen, slim, slim_child, slim_pod
+from llmep_operator.observed import Seen, slim, slim_child, slim_pod, whole
 from llmep_operator.reconcile import EndpointKey, Reconciler
 from llmep_operator.settings import OperatorSettings
 
@@ -43,7 +43,7 @@ ApiError = (ApiException, urllib3.exceptions.HTTPError)
 SETTLE_SECONDS = 0.5
 # Endpoint passes that run at once, each on a thread of its own: a pass mostly waits on the API
 # server, so this bounds the requests in flight more than the CPU.
-CONCURRENT_PASSES = 16
+CONCURRENT_PASSES = 8
 LABELLED = {naming.ENDPOINT_LABEL: kopf.PRESENT}
 
 
@@ -159,7 +159,7 @@ async def start_passes(memo: kopf.Memo, **_: Any) -> None:
         bodies = _values(memo.endpoints, key)
         if not bodies or bodies[0]["metadata"].get("deletionTimestamp"):
             return
-        retry_in = await loop.run_in_executor(threads, _pass, reconciler, bodies[0])
+        retry_in = await loop.run_in_executor(threads, _pass, reconciler, whole(bodies[0]))
         if retry_in is not None:
             passes.request_later(key, retry_in)
 

@@ -11,7 +11,7 @@ import asyncio
 import pytest
 
 from llmep_operator.coalesce import Coalescer
-from llmep_operator.observed import Seen, covers, slim, slim_child, slim_pod
+from llmep_operator.observed import Seen, covers, slim, slim_child, slim_pod, whole
 from tests.unit.gateway.conftest import until
 
 pytestmark = pytest.mark.unit
@@ -165,7 +165,9 @@ def test_memory_keeps_what_the_reconciler_reads_and_drops_managed_fields():
         "spec": {"containers": [{"name": "ray"}]},
         "status": {"conditions": [{"type": "Ready", "status": "True"}], "podIP": "10.0.0.1"},
     }
-    assert slim(body) == {
+    kept = slim(body)
+    assert isinstance(kept["bodyJSON"], str)
+    assert whole(kept) == {
         "metadata": {"name": "p", "uid": "u", "labels": {"a": "b"}},
         "spec": {"containers": [{"name": "ray"}]},
         "status": body["status"],
@@ -179,7 +181,7 @@ def test_memory_keeps_what_the_reconciler_reads_and_drops_managed_fields():
 def test_a_child_kept_as_text_comes_back_whole_and_still_covers_what_was_rendered():
     live = {**SERVICE, "metadata": {**SERVICE["metadata"], "managedFields": [{"manager": "x"}], "resourceVersion": "3"}}
     kept = slim_child(live)
-    assert isinstance(kept["specJSON"], str) and "managedFields" not in kept["metadata"]
+    assert isinstance(kept["bodyJSON"], str) and "managedFields" not in kept["metadata"]
     whole = Seen(children={"Service": kept}).child("Service")
     assert whole["spec"] == SERVICE["spec"] and whole["metadata"]["resourceVersion"] == "3"
     assert covers(whole, SERVICE)
