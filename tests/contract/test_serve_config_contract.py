@@ -160,3 +160,32 @@ def test_scale_to_zero_ingress_follows_the_endpoints_delays_in_rays_builder():
     )
     ingress = AutoscalingConfig.model_validate(options["autoscaling_config"])
     assert (ingress.min_replicas, ingress.downscale_delay_s, ingress.upscale_delay_s) == (0, 30, 3)
+
+
+@pytest.mark.parametrize(
+    "source", ["s3://models/adapters/", "gs://models/adapters", "abfss://c@acct.dfs.core.windows.net/a"]
+)
+def test_lora_settings_are_rays_and_vllms_own(source):
+    """spec.lora becomes Ray Serve LLM's LoraConfig (which checks the object-store path itself)
+    and vLLM's LoRA engine arguments, which vLLM's own LoRAConfig accepts."""
+    from vllm.config.lora import LoRAConfig
+
+    lora = {"source": source, "adapters": [{"name": "sql"}], "maxAdaptersPerReplica": 3, "maxRank": 32}
+    endpoint = _endpoint({"lora": lora})
+    llm = LLMConfig.model_validate(build_serve_config(endpoint, SETTINGS)["applications"][0]["args"]["llm_configs"][0])
+    assert llm.lora_config.dynamic_lora_loading_path == source.rstrip("/")
+    assert llm.lora_config.max_num_adapters_per_replica == 3
+    # Ray's multiplexing keeps as many adapters per replica as the engine has LoRA slots.
+    assert llm.multiplex_config().max_num_models_per_replica == 3
+    kwargs = llm.get_engine_config().get_initialization_kwargs()
+    assert kwargs["enable_lora"] is True
+    engine_lora = LoRAConfig(max_lora_rank=kwargs["max_lora_rank"], max_loras=kwargs["max_loras"])
+    assert (engine_lora.max_lora_rank, engine_lora.max_loras) == (32, 3)
+
+
+def test_an_endpoint_without_lora_renders_no_lora_settings():
+    llm = LLMConfig.model_validate(
+        build_serve_config(_endpoint({}), SETTINGS)["applications"][0]["args"]["llm_configs"][0]
+    )
+    assert llm.lora_config is None
+    assert "enable_lora" not in llm.engine_kwargs

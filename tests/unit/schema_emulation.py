@@ -72,13 +72,19 @@ def cel_violations(node: dict[str, Any], value: Any, path: str = "") -> list[str
     return problems
 
 
+def _field_path(parts: Any) -> str:
+    """A field path as the API server writes it: spec.lora.adapters[0].name."""
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
 def admission_errors(openapi_schema: dict[str, Any], obj: dict[str, Any]) -> list[str]:
     """Every reason the API server would refuse `obj`; empty when it would admit it."""
     obj = apply_defaults(openapi_schema, copy.deepcopy(obj))
     validator = jsonschema.Draft7Validator(to_json_schema(openapi_schema))
-    problems = [
-        ".".join(str(p) for p in error.absolute_path) + ": " + error.message for error in validator.iter_errors(obj)
-    ]
+    problems = [_field_path(error.absolute_path) + ": " + error.message for error in validator.iter_errors(obj)]
     if problems:
         return problems
     return cel_violations(openapi_schema, obj)

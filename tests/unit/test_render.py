@@ -75,6 +75,25 @@ def test_serve_config_is_one_build_openai_app_with_one_llm_config():
     }
 
 
+def test_object_store_credentials_reach_only_the_workers_from_their_secret():
+    rayservice = build_rayservice(
+        _endpoint(
+            MINIMAL,
+            model={"source": "s3://models/qwen"},
+            lora={"source": "s3://models/adapters", "adapters": [{"name": "sql"}]},
+            storageSecretRef={"name": "s3-credentials"},
+        ),
+        SETTINGS,
+    )
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    worker = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert worker["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+    # The head loads no model (num-cpus 0): it never sees the credentials.
+    assert "envFrom" not in head
+    assert "s3-credentials" not in rayservice["spec"]["serveConfigV2"]
+
+
 def test_hf_token_comes_from_the_secret_and_is_never_inlined():
     rayservice = build_rayservice(
         _endpoint(

@@ -41,6 +41,11 @@ RENDERED_IN = {
     "its mount and HF_HOME)",
     "routing": "`render/serve_config.py` (the request router), `render/serving_path.py` (Ray's process env)",
     "access": "`render/network_policy.py` (`network_policy_for`: who may reach the Serve port)",
+    "lora": "`render/serve_config.py` (`build_llm_config`: lora_config; `_engine_kwargs`: enable_lora, "
+    "max_lora_rank, max_loras); adapters are routed and listed by the gateway (`serving/llmep_serving/gateway/"
+    "k8s.py`, `routing.py`)",
+    "storageSecretRef": "`render/plan.py` (`_secret_env_from`), `render/rayservice.py` (`envFrom` on the "
+    "worker containers)",
     "image": "`render/plan.py` (the Ray containers' image), `render/policy.py` (`allowed_images`)",
 }
 

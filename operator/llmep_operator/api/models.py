@@ -44,6 +44,27 @@ NO_SLASH_MESSAGE = (
 PROFILE_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(:[1-9][0-9]*)?$"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|K|M|G|T|P)?$"
 SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"  # noqa: S105 - a pattern, not a secret
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$"  # noqa: S105 - a pattern, not a secret
+# The object stores Ray Serve LLM loads LoRA adapters from on their first request.
+LORA_SOURCE_SCHEMES = ("s3", "gs", "abfss", "azure")
+LORA_SOURCE_PATTERN = r"^(s3|gs|abfss|azure)://[^\s/]+(/[^\s]*)?$"
+# No ':' (it separates base and adapter in '<servedName>:<adapter>') and no '/' (namespaces).
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+# The ranks vLLM's max_lora_rank accepts.
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Credentials that engine.env would write into the RayService in plain text.
+CREDENTIAL_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_CLIENT_SECRET",
+    "GOOGLE_APPLICATION_CREDENTIALS_JSON",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+)
 
 
 def _cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
@@ -70,7 +91,7 @@ class SecretKeyRef(ApiModel):
     name: str = Field(
         min_length=1,
         max_length=253,
-        pattern=r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$",
+        pattern=SECRET_NAME_PATTERN,
         description="Name of the Secret, in the same namespace as the LLMEndpoint.",
     )
     key: str = Field(
@@ -262,7 +283,22 @@ class EngineSpec(ApiModel):
     )
     env: dict[str, str] = Field(
         default_factory=dict,
-        description="Extra environment variables for the engine processes (for example VLLM_* settings).",
+        description=(
+            "Extra environment variables for the engine processes (for example VLLM_* settings). "
+            "Not for credentials: they would be written into the RayService in plain text; name "
+            "a Secret in storageSecretRef or model.tokenSecretRef instead."
+        ),
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "!(" + " || ".join(f"'{name}' in self" for name in CREDENTIAL_ENV) + ")",
+                    "engine.env must not hold credentials ("
+                    + ", ".join(CREDENTIAL_ENV)
+                    + "): put them in a Secret and name it in spec.storageSecretRef (object stores) "
+                    "or spec.model.tokenSecretRef (Hugging Face)",
+                )
+            ]
+        },
     )
 
     @field_validator("extra_args")
@@ -274,6 +310,18 @@ class EngineSpec(ApiModel):
                 f"{', '.join(clash)} must be set through the typed engine field(s) "
                 "(maxModelLen, tensorParallelSize, pipelineParallelSize, dtype, "
                 "gpuMemoryUtilization), not extraArgs"
+            )
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_holds_no_credentials(cls, value: dict[str, str]) -> dict[str, str]:
+        found = sorted(set(CREDENTIAL_ENV) & set(value))
+        if found:
+            raise ValueError(
+                f"engine.env.{found[0]} would write a credential into the RayService in plain text: "
+                "put it in a Secret and name it in spec.storageSecretRef (object stores) or "
+                "spec.model.tokenSecretRef (Hugging Face)"
             )
         return value
 
@@ -416,17 +464,15 @@ class RoutingSpec(ApiModel):
 class AccessSpec(ApiModel):
     """Who may reach this endpoint without going through the gateway."""
 
-    allowed_namespaces: list[Annotated[str, Field(max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]] = (
-        Field(
-            default_factory=list,
-            max_length=32,
-            description=(
-                "Namespaces whose pods may call the Serve port (8000) directly, bypassing the "
-                "gateway's keys and limits. Enforced where the operator renders NetworkPolicies "
-                "(operator setting network_policy.enabled); the gateway and KubeRay always may."
-            ),
-            json_schema_extra={"x-kubernetes-list-type": "set"},
-        )
+    allowed_namespaces: list[Annotated[str, Field(max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]] = Field(
+        default_factory=list,
+        max_length=32,
+        description=(
+            "Namespaces whose pods may call the Serve port (8000) directly, bypassing the "
+            "gateway's keys and limits. Enforced where the operator renders NetworkPolicies "
+            "(operator setting network_policy.enabled); the gateway and KubeRay always may."
+        ),
+        json_schema_extra={"x-kubernetes-list-type": "set"},
     )
 
 
@@ -457,6 +503,119 @@ class CacheSpec(ApiModel):
     )
 
 
+class SecretRef(ApiModel):
+    """A whole Secret in the LLMEndpoint's namespace."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=SECRET_NAME_PATTERN,
+        description="Name of the Secret, in the same namespace as the LLMEndpoint.",
+    )
+
+
+class LoraAdapter(ApiModel):
+    """One LoRA adapter of the base model."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=ADAPTER_NAME_PATTERN,
+        description=(
+            "The adapter's model id: clients send it (or '<servedName>:<name>') as `model`, and "
+            "its weights are the folder of this name under lora.source. Letters, digits, '.', "
+            "'_' and '-'."
+        ),
+    )
+
+
+class LoraSpec(ApiModel):
+    """LoRA adapters served on the base model's replicas, loaded on their first request."""
+
+    source: str = Field(
+        min_length=6,
+        max_length=1024,
+        pattern=LORA_SOURCE_PATTERN,
+        description=(
+            "Object-store folder with one subfolder per adapter (its adapter_config.json and "
+            "weights), named after the adapter: s3://BUCKET/PATH, gs://BUCKET/PATH, "
+            "abfss://CONTAINER@ACCOUNT.dfs.core.windows.net/PATH or azure://CONTAINER/PATH. "
+            "Credentials come from spec.storageSecretRef."
+        ),
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "self.matches('^(s3|gs|abfss|azure)://')",
+                    "lora.source must be an object-store folder (s3://, gs://, abfss:// or azure://): "
+                    "Ray Serve LLM loads adapters only from object storage; for example s3://my-bucket/adapters",
+                )
+            ]
+        },
+    )
+    adapters: list[LoraAdapter] = Field(
+        min_length=1,
+        max_length=128,
+        description=(
+            "The adapters clients may call, listed in /v1/models with the base model as parent. "
+            "Adding or removing one changes no replica: a replica loads an adapter on its first request."
+        ),
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    max_adapters_per_replica: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description=(
+            "Adapters one replica keeps loaded at once (least recently used is evicted); each "
+            "takes GPU memory for a batch slot (vLLM max_loras)."
+        ),
+    )
+    max_rank: int = Field(
+        default=16,
+        description=(
+            f"Highest adapter rank the engine accepts (vLLM max_lora_rank): one of {', '.join(map(str, LORA_RANKS))}."
+        ),
+        json_schema_extra={"enum": list(LORA_RANKS)},
+    )
+
+    # Before the pattern, so a user reads which schemes work rather than a regex.
+    @field_validator("source", mode="before")
+    @classmethod
+    def _object_store_source(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme not in LORA_SOURCE_SCHEMES:
+            raise ValueError(
+                f"lora.source {value!r} must be an object-store folder: "
+                + ", ".join(f"{s}://" for s in LORA_SOURCE_SCHEMES)
+                + " (Ray Serve LLM loads adapters only from object storage); for example s3://my-bucket/adapters"
+            )
+        return value
+
+    @field_validator("max_rank")
+    @classmethod
+    def _known_rank(cls, value: int) -> int:
+        if value not in LORA_RANKS:
+            raise ValueError(
+                f"lora.maxRank {value} is not a rank vLLM supports: use one of {', '.join(map(str, LORA_RANKS))}"
+            )
+        return value
+
+    @field_validator("adapters")
+    @classmethod
+    def _unique_adapter_names(cls, value: list[LoraAdapter]) -> list[LoraAdapter]:
+        names = [adapter.name for adapter in value]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"lora.adapters names must be unique; repeated: {', '.join(repeated)}")
+        return value
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [adapter.name for adapter in self.adapters]
+
+
 class LLMEndpointSpec(ApiModel):
     """Desired state of an LLMEndpoint: one model served behind an OpenAI-compatible API."""
 
@@ -471,11 +630,23 @@ class LLMEndpointSpec(ApiModel):
         description="Replica bounds and queue-depth target for Ray Serve's autoscaler.",
     )
     cache: CacheSpec = Field(default_factory=CacheSpec, description="Weight cache volume.")
-    routing: RoutingSpec = Field(
-        default_factory=RoutingSpec, description="How requests are spread over the replicas."
-    )
+    routing: RoutingSpec = Field(default_factory=RoutingSpec, description="How requests are spread over the replicas.")
     access: AccessSpec = Field(
         default_factory=AccessSpec, description="Direct access to the Serve port, besides the gateway."
+    )
+    lora: LoraSpec | None = Field(
+        default=None,
+        description="LoRA adapters (fine-tunes of this model) served by the same replicas.",
+    )
+    storage_secret_ref: SecretRef | None = Field(
+        default=None,
+        description=(
+            "Secret whose keys become environment variables of the processes that load the model "
+            "and its adapters: the object-store credentials for s3://, gs://, abfss:// and azure:// "
+            "sources (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION for S3 "
+            "and S3-compatible stores; GOOGLE_APPLICATION_CREDENTIALS' file is not supported, use "
+            "workload identity; AZURE_STORAGE_ACCOUNT and AZURE_STORAGE_KEY). Never written into the RayService."
+        ),
     )
     image: str | None = Field(
         default=None,
@@ -485,6 +656,19 @@ class LLMEndpointSpec(ApiModel):
             "Serving image for the Ray head and workers. Default: the profile's image from the operator settings."
         ),
     )
+
+    @model_validator(mode="after")
+    def _adapter_names_are_not_model_ids(self) -> LLMEndpointSpec:
+        if self.lora is None:
+            return self
+        taken = {self.model.served_name, *self.model.aliases} - {None}
+        clash = sorted(taken & set(self.lora.adapter_names))
+        if clash:
+            raise ValueError(
+                f"lora.adapters name {clash[0]!r} is also this endpoint's model.servedName or an alias: "
+                "give the adapter its own name"
+            )
+        return self
 
     @model_validator(mode="after")
     def _profile_count_matches_parallelism(self) -> LLMEndpointSpec:
@@ -529,6 +713,13 @@ SPEC_CEL_RULES = [
         "!has(self.model.servedName) || !has(self.model.aliases) || !(self.model.servedName in self.model.aliases)",
         "model.aliases must not repeat model.servedName",
         ".model.aliases",
+    ),
+    _cel(
+        "!has(self.lora) || self.lora.adapters.all(a, "
+        "(!has(self.model.servedName) || a.name != self.model.servedName) && "
+        "(!has(self.model.aliases) || !(a.name in self.model.aliases)))",
+        "lora.adapters name is also this endpoint's model.servedName or an alias: give the adapter its own name",
+        ".lora.adapters",
     ),
 ]
 
@@ -611,6 +802,17 @@ class LLMEndpointStatus(ApiModel):
     )
     replicas: ReplicaStatus = Field(default_factory=ReplicaStatus, description="Replica counts.")
     ray_service: str | None = Field(default=None, description="Name of the RayService serving this endpoint.")
+
+
+def adapter_names_of(body: Mapping[str, Any]) -> list[str]:
+    """The LoRA adapter names a stored LLMEndpoint lists (spec.lora.adapters[].name), read from its
+    raw body; malformed entries are skipped."""
+    lora = ((body.get("spec") or {}).get("lora")) or {}
+    adapters = lora.get("adapters") if isinstance(lora, Mapping) else None
+    if not isinstance(adapters, list):
+        return []
+    names = (a.get("name") for a in adapters if isinstance(a, Mapping))
+    return [n for n in names if isinstance(n, str) and n]
 
 
 def model_ids_of(body: Mapping[str, Any]) -> list[str]:

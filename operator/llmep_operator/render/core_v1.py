@@ -34,3 +34,11 @@ class EnvVar(TypedDict):
     name: str
     value: NotRequired[str]
     valueFrom: NotRequired[EnvVarSource]
+
+
+class SecretEnvSource(TypedDict):
+    name: str
+
+
+class EnvFromSource(TypedDict):
+    secretRef: SecretEnvSource

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from llmep_operator import naming
 from llmep_operator.api import LLMEndpoint, SourceScheme, parse_source
 from llmep_operator.errors import InvalidSpec
-from llmep_operator.render.core_v1 import EnvVar, EnvVarSource, PvcVolume, VolumeMount
+from llmep_operator.render.core_v1 import EnvFromSource, EnvVar, EnvVarSource, PvcVolume, VolumeMount
 from llmep_operator.render.policy import check_policy
 from llmep_operator.render.serving_path import ray_process_env
 from llmep_operator.settings import OperatorSettings, ResourceProfile
@@ -44,6 +44,8 @@ class ServingPlan:
     env: tuple[EnvVar, ...]
     # Only on the workers: the replicas load the model there (the head runs none, num-cpus 0).
     secret_env: tuple[EnvVar, ...]
+    # Also only on the workers: the object-store credentials Secret, whole, as environment.
+    secret_env_from: tuple[EnvFromSource, ...]
     ray_env: dict[str, str]
 
     @property
@@ -106,6 +108,12 @@ def _secret_env(endpoint: LLMEndpoint) -> tuple[EnvVar, ...]:
     )
 
 
+def _secret_env_from(endpoint: LLMEndpoint) -> tuple[EnvFromSource, ...]:
+    ref = endpoint.spec.storage_secret_ref
+    # Object-store clients (boto3 and others) read their credentials from the environment.
+    return () if ref is None else ({"secretRef": {"name": ref.name}},)
+
+
 def make_plan(endpoint: LLMEndpoint, settings: OperatorSettings) -> ServingPlan:
     check_policy(endpoint, settings)
     resources = endpoint.spec.resources
@@ -151,6 +159,7 @@ def make_plan(endpoint: LLMEndpoint, settings: OperatorSettings) -> ServingPlan:
         volume_mounts=tuple(mounts),
         env=tuple(env),
         secret_env=_secret_env(endpoint),
+        secret_env_from=_secret_env_from(endpoint),
         ray_env=ray_process_env(endpoint, settings),
     )
 

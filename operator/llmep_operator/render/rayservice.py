@@ -61,6 +61,8 @@ def _container(
     ]
     if env:
         container["env"] = env
+    if secrets and plan.secret_env_from:
+        container["envFrom"] = list(plan.secret_env_from)
     if ports:
         container["ports"] = ports
     return container

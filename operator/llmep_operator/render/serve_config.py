@@ -34,6 +34,9 @@ def _engine_kwargs(plan: ServingPlan) -> dict[str, Any]:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
     if plan.endpoint.spec.model.revision:
         kwargs["revision"] = plan.endpoint.spec.model.revision
+    lora = plan.endpoint.spec.lora
+    if lora is not None:
+        kwargs.update(enable_lora=True, max_lora_rank=lora.max_rank, max_loras=lora.max_adapters_per_replica)
     kwargs.update(engine.extra_args)
     return kwargs
 
@@ -92,6 +95,13 @@ def build_llm_config(plan: ServingPlan) -> dict[str, Any]:
         "engine_kwargs": _engine_kwargs(plan),
         "deployment_config": _deployment_config(plan),
     }
+    lora = endpoint.spec.lora
+    if lora is not None:
+        # Ray Serve LLM loads '<model_id>:<adapter>' from '<path>/<adapter>' on its first request.
+        config["lora_config"] = {
+            "dynamic_lora_loading_path": lora.source.rstrip("/"),
+            "max_num_adapters_per_replica": lora.max_adapters_per_replica,
+        }
     if plan.profile.accelerator_type:
         config["accelerator_type"] = plan.profile.accelerator_type
     placement = _placement_group(plan)
