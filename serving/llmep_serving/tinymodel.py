@@ -12,12 +12,17 @@ model is cached under ``${LLMEP_CACHE:-${XDG_CACHE_HOME:-~/.cache}/llmep}/models
 Shape notes (vLLM's CPU attention rejects head_dim 16; 64 works): hidden 128, 2 heads, 1 KV
 head, 2 layers, tied embeddings, vocab 512, float32.
 
-torch, transformers and tokenizers are imported inside :func:`ensure_tiny_model` only, so
-importing ``llmep_serving`` stays light.
+:func:`ensure_tiny_lora` makes a LoRA adapter for that model in PEFT's on-disk format
+(``adapter_config.json`` and ``adapter_model.safetensors``), cached under ``.../adapters/``: the
+LoRA tests serve it from an object store beside the base model.
+
+torch, transformers and tokenizers are imported inside :func:`ensure_tiny_model` and
+:func:`ensure_tiny_lora` only, so importing ``llmep_serving`` stays light.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -54,6 +59,17 @@ TRAIN_STEPS = 250
 BATCH_SIZE = 8
 LEARNING_RATE = 3e-3
 WARMUP_STEPS = 20
+
+# The adapter: its folder name carries the model's, so a new model gets a new adapter.
+LORA_DIRNAME = f"{MODEL_DIRNAME}-lora-v1"
+LORA_RANK = 8
+LORA_ALPHA = 16
+LORA_TARGET_MODULES = ("q_proj", "v_proj")
+LORA_SEED = 1
+# Both factors drawn N(0, 0.05^2) (PEFT would start B at zero, an adapter that changes nothing):
+# measured with transformers, greedy answers then differ from the base model's from the first
+# token and are still words of the corpus; 0.02 changed nothing in 16 tokens, 0.1 gave gibberish.
+LORA_INIT_STD = 0.05
 
 
 def load_corpus() -> str:
@@ -228,6 +244,82 @@ def _train(model: LlamaForCausalLM, examples: list[list[int]], *, pad_id: int) -
         if step % 50 == 0 or step == TRAIN_STEPS:
             print(f"training tiny model: step {step}/{TRAIN_STEPS}, loss {loss.item():.3f}", file=sys.stderr)
     model.eval()
+
+
+def tiny_lora_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    return root / "adapters" / LORA_DIRNAME
+
+
+def ensure_tiny_lora(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Return the folder of the tiny model's LoRA adapter, writing it first if it is not there.
+
+    Seeded random factors for ``LORA_TARGET_MODULES`` of every layer, rank ``LORA_RANK``, in
+    PEFT's file layout (what vLLM and Ray Serve LLM load); no training, no peft package. Shapes
+    come from the tiny model's config.json (the model is made first if needed). Written to a
+    temporary sibling folder and renamed into place, like the model.
+    """
+    target = tiny_lora_dir(cache_dir)
+    if (target / "adapter_config.json").is_file():
+        return target
+    config = json.loads((ensure_tiny_model(cache_dir) / "config.json").read_text())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{LORA_DIRNAME}.", dir=target.parent))
+    try:
+        _write_lora(staging, config)
+        staging.chmod(0o755)
+        for path in staging.iterdir():
+            path.chmod(0o644)
+        try:
+            staging.rename(target)
+        except OSError:
+            # Another process finished first; same seed, same files.
+            if not (target / "adapter_config.json").is_file():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _write_lora(out: Path, config: dict[str, Any]) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    hidden = config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    # (in, out) features of each target projection of a Llama attention block.
+    shapes = {
+        "q_proj": (hidden, config["num_attention_heads"] * head_dim),
+        "k_proj": (hidden, config["num_key_value_heads"] * head_dim),
+        "v_proj": (hidden, config["num_key_value_heads"] * head_dim),
+        "o_proj": (config["num_attention_heads"] * head_dim, hidden),
+    }
+    generator = torch.Generator().manual_seed(LORA_SEED)
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in range(config["num_hidden_layers"]):
+        for module in LORA_TARGET_MODULES:
+            fan_in, fan_out = shapes[module]
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(LORA_RANK, fan_in, generator=generator) * LORA_INIT_STD
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, LORA_RANK, generator=generator) * LORA_INIT_STD
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": MODEL_DIRNAME,
+        "r": LORA_RANK,
+        "lora_alpha": LORA_ALPHA,
+        "lora_dropout": 0.0,
+        "target_modules": list(LORA_TARGET_MODULES),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
 
 
 def main() -> int:
