@@ -661,7 +661,7 @@ class LLMEndpointSpec(ApiModel):
     def _adapter_names_are_not_model_ids(self) -> LLMEndpointSpec:
         if self.lora is None:
             return self
-        taken = {self.model.served_name, *self.model.aliases} - {None}
+        taken = {*self.model.aliases, *([self.model.served_name] if self.model.served_name else [])}
         clash = sorted(taken & set(self.lora.adapter_names))
         if clash:
             raise ValueError(
