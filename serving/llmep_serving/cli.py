@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from llmep_operator import cli as operator_cli
-from llmep_serving import admin, local_mode
+from llmep_serving import admin, fetch, local_mode
 
 
 def _gateway(gateway_args: list[str]) -> int:
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("gateway_args", nargs=argparse.REMAINDER)
     local_mode.add_parser(commands)
     admin.add_parsers(commands)
+    fetch.add_parser(commands)
     return parser
 
 
