@@ -23,7 +23,7 @@ from .metrics import GatewayMetrics
 from .proxy import Proxy
 from .relay import StreamRelay, complete_events_end, end_stream
 from .request_body import BodyParser, Payload, read_body
-from .routing import RouteStore
+from .routing import Route, RouteStore
 from .settings import GatewaySettings
 
 # complete_events_end moved to relay.py; tests still import it from here.
@@ -42,6 +42,14 @@ def error_response(exc: GatewayError) -> web.Response:
     if exc.close:
         response.force_close()
     return response
+
+
+def model_card(model_id: str, route: Route) -> dict[str, object]:
+    """OpenAI's model object; a LoRA adapter's also names its base model, as vLLM lists adapters."""
+    card: dict[str, object] = {"id": model_id, "object": "model", "created": route.created, "owned_by": route.owned_by}
+    if route.parent is not None:
+        card["parent"] = route.parent
+    return card
 
 
 def metrics_response(metrics: GatewayMetrics) -> web.Response:
@@ -149,11 +157,7 @@ class Gateway:
 
     def _list_models(self, request: web.BaseRequest) -> web.Response:
         key = self._authenticate(request)
-        data = [
-            {"id": name, "object": "model", "created": route.created, "owned_by": route.owned_by}
-            for name, route in self.routes.table.listed
-            if key.allows(route)
-        ]
+        data = [model_card(name, route) for name, route in self.routes.table.listed if key.allows(route)]
         body = json.dumps({"object": "list", "data": data}).encode()
         return web.Response(body=body, headers=JSON_HEADERS)
 
@@ -162,13 +166,7 @@ class Gateway:
         route = self.routes.table.lookup(model)
         if route is None or not key.allows(route):
             raise errors.model_not_found(model)
-        card = {
-            "id": model,
-            "object": "model",
-            "created": route.created,
-            "owned_by": route.owned_by,
-        }
-        return web.Response(body=json.dumps(card).encode(), headers=JSON_HEADERS)
+        return web.Response(body=json.dumps(model_card(model, route)).encode(), headers=JSON_HEADERS)
 
     # -- forwarding -------------------------------------------------------------------
 
@@ -194,7 +192,8 @@ class Gateway:
                     raise errors.model_not_found(model)
                 label = route.model
                 if model != route.model:
-                    # Only requests by alias (or namespace/name) pay for re-serialising the body.
+                    # Only requests by alias, bare adapter name (or namespace/name) pay for
+                    # re-serialising the body: the backend knows "served" and "served:adapter".
                     body = await self.parser.rewrite(body, route.model)
                 payload = Payload(body, claim)
                 del body  # from here the payload holds the only reference, dropped once sent

@@ -28,7 +28,9 @@ class ApiKey:
 
     def allows(self, route: Route) -> bool:
         """Scopes name models as `name` (the endpoint that owns the plain name), `namespace/name`
-        or `namespace/*` (every endpoint of that namespace)."""
+        or `namespace/*` (every endpoint of that namespace, adapters included). ``route`` is the
+        resolved route, so every id of a model is allowed alike; a LoRA adapter is a route of its
+        own, so a scope naming the base model does not grant its adapters, nor the reverse."""
         if self.models is None:
             return True
         if route.namespace is not None and f"{route.namespace}/*" in self.models:
@@ -127,9 +129,7 @@ class KeyStore:
         by_digest: dict[bytes, ApiKey] = {}
         for key in keys:
             if key.digest in by_digest:
-                log.warning(
-                    "API keys %s and %s are the same key", by_digest[key.digest].name, key.name
-                )
+                log.warning("API keys %s and %s are the same key", by_digest[key.digest].name, key.name)
                 continue
             by_digest[key.digest] = key
         self._by_digest = by_digest

@@ -79,12 +79,13 @@ class BackendClient:
             raise errors.backend_unavailable(route.model) from None
 
     async def wake(self, route: Route) -> None:
-        """One tiny completion: Ray Serve queues it and starts a replica for it."""
+        """One tiny completion: Ray Serve queues it and starts a replica for it. An adapter's route
+        wakes its base model, so a wake-up never waits on loading an adapter."""
         assert self.session is not None and route.base is not None
         try:
             async with self.session.post(
                 f"{route.base}/completions",
-                json={"model": route.model, "prompt": "wake", "max_tokens": 1},
+                json={"model": route.parent or route.model, "prompt": "wake", "max_tokens": 1},
                 timeout=aiohttp.ClientTimeout(
                     total=self.settings.hold_deadline + 1,
                     sock_connect=self.settings.backend_connect_timeout,

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from llmep_operator.api import GROUP, PLURAL, VERSION, ConditionType, model_ids_of
+from llmep_operator.api import GROUP, PLURAL, VERSION, ConditionType, adapter_names_of, model_ids_of
 from llmep_operator.api.conditions import is_true
 
 from .auth import KEY_LABEL, ApiKey, key_from_secret
@@ -58,7 +58,9 @@ def endpoint_to_backend(obj: Mapping[str, Any], url_template: str = DEFAULT_BACK
     still coming up are held rather than answered 404. The URL is computed from the
     endpoint's name and namespace, never read from ``status.url``: a forged status must not
     send the endpoint's traffic (prompts, keys' requests) to another address. It is used only
-    once the operator has published one, which says the Serve Service exists.
+    once the operator has published one, which says the Serve Service exists. LoRA adapters
+    come from ``spec.lora.adapters`` and are ready whenever the endpoint is: a replica loads an
+    adapter on its first request.
     """
     meta = obj.get("metadata") or {}
     status = obj.get("status") or {}
@@ -78,6 +80,7 @@ def endpoint_to_backend(obj: Mapping[str, Any], url_template: str = DEFAULT_BACK
         namespace=namespace,
         name=name,
         created=_created(meta),
+        adapters=tuple(adapter_names_of(obj)),
     )
 
 
@@ -156,10 +159,7 @@ class KubeSource:
         if "*" in self.watch_namespaces:
             targets = [("*", custom.list_cluster_custom_object, {})]
         else:
-            targets = [
-                (ns, custom.list_namespaced_custom_object, {"namespace": ns})
-                for ns in self.watch_namespaces
-            ]
+            targets = [(ns, custom.list_namespaced_custom_object, {"namespace": ns}) for ns in self.watch_namespaces]
         for ns, list_fn, kwargs in targets:
             self._spawn(
                 f"watch-llmendpoints-{ns}",
@@ -215,9 +215,7 @@ class KubeSource:
         self._threads.append(thread)
         thread.start()
 
-    def _publish(
-        self, publish: Callable[[list[dict[str, Any]]], None], objects: dict[str, Any]
-    ) -> None:
+    def _publish(self, publish: Callable[[list[dict[str, Any]]], None], objects: dict[str, Any]) -> None:
         assert self._loop is not None
         if self._stop.is_set():
             return
@@ -265,9 +263,7 @@ class KubeSource:
                             return
                         obj = event["raw_object"]
                         if event["type"] == "ERROR":
-                            raise ApiException(
-                                status=obj.get("code", 500), reason=obj.get("reason")
-                            )
+                            raise ApiException(status=obj.get("code", 500), reason=obj.get("reason"))
                         version = obj["metadata"]["resourceVersion"]
                         self._synced[name] = time.monotonic()
                         if event["type"] == "BOOKMARK":

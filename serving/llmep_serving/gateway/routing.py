@@ -1,4 +1,5 @@
-"""The routing table: model names and aliases to backend base URLs, swapped whole on change."""
+"""The routing table: model names, aliases and LoRA adapters to backend base URLs, swapped whole
+on change."""
 
 from __future__ import annotations
 
@@ -22,13 +23,14 @@ class Backend:
     name: str | None = None
     created: float = 0.0  # epoch seconds; orders name collisions, oldest wins
     extra_urls: tuple[str, ...] = ()  # further replicas of the same model (local mode)
+    adapters: tuple[str, ...] = ()  # LoRA adapter names, which Ray Serve LLM knows as "<served>:<adapter>"
 
 
 @dataclass(frozen=True)
 class Route:
     """What a model name resolves to."""
 
-    model: str  # the served name: metrics label and the id the backend knows
+    model: str  # the id the backend knows (served name, or "<served>:<adapter>"): also the metrics label
     base: str | None  # base URL without a trailing slash
     ready: bool
     owned_by: str
@@ -37,6 +39,7 @@ class Route:
     namespace: str | None = None  # the LLMEndpoint's namespace; None in local mode
     key: str = ""  # identity of the backend, stable across table rebuilds
     bases: tuple[str, ...] = ()  # every replica's base URL, ``base`` first; chosen round-robin
+    parent: str | None = None  # a LoRA adapter's base model (its served name); None for a base model
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,26 @@ def _claims_plain_names(backend: Backend, plain_name_namespaces: Collection[str]
     return backend.namespace is None or "*" in plain_name_namespaces or backend.namespace in plain_name_namespaces
 
 
+@dataclass(frozen=True, eq=False)
+class _Target:
+    """What a route leads to: a backend's base model (``adapter`` None) or one of its adapters."""
+
+    backend: Backend
+    adapter: str | None
+    ids: tuple[str, ...]  # its plain ids, the one it is listed under first
+
+
+def _targets(backend: Backend) -> list[_Target]:
+    served = backend.models[0]
+    models = tuple(dict.fromkeys(backend.models))
+    targets = [_Target(backend, None, models)]
+    for adapter in dict.fromkeys(backend.adapters):
+        # Admission refuses an adapter named like its endpoint's model; it never shadows one here.
+        if adapter not in models:
+            targets.append(_Target(backend, adapter, (adapter, f"{served}:{adapter}")))
+    return targets
+
+
 def build_table(backends: Iterable[Backend], plain_name_namespaces: Collection[str] = ("*",)) -> RoutingTable:
     """Resolve names to routes deterministically.
 
@@ -64,57 +87,69 @@ def build_table(backends: Iterable[Backend], plain_name_namespaces: Collection[s
     claimed from two namespaces is ambiguous and resolves to nothing, so no endpoint can take
     over another namespace's name, whatever their ages. Local-mode backends (no namespace)
     always claim their names.
+
+    A LoRA adapter ``a`` of an endpoint serving ``s`` is a route of its own, to the same replicas,
+    under the ids ``a`` and ``s:a`` (and ``namespace/a``, ``namespace/s:a``), claimed by the same
+    rules as model names; requests reach the backend as ``s:a``.
     """
     ordered = sorted(
         (b for b in backends if b.models),
         key=lambda b: (b.created, b.namespace or "", b.name or "", b.url or ""),
     )
-    claimants: dict[str, list[Backend]] = {}
-    for backend in ordered:
-        if _claims_plain_names(backend, plain_name_namespaces):
-            for name in dict.fromkeys(backend.models):
-                claimants.setdefault(name, []).append(backend)
-    owner: dict[str, Backend] = {}
+    targets = [target for backend in ordered for target in _targets(backend)]
+    claimants: dict[str, list[_Target]] = {}
+    for target in targets:
+        if _claims_plain_names(target.backend, plain_name_namespaces):
+            for name in target.ids:
+                claimants.setdefault(name, []).append(target)
+    owner: dict[str, _Target] = {}
     for name, claiming in claimants.items():
-        namespaces = sorted({b.namespace or "" for b in claiming})
+        namespaces = sorted({t.backend.namespace or "" for t in claiming})
         if len(namespaces) > 1:
             log.warning("model name %r is claimed from namespaces %s: ask for it as namespace/name", name, namespaces)
         else:
             owner[name] = claiming[0]
     by_name: dict[str, Route] = {}
     listed: list[tuple[str, Route]] = []
-    for backend in ordered:
+    for target in targets:
+        backend = target.backend
         served = backend.models[0]
-        owned = tuple(m for m in dict.fromkeys(backend.models) if owner.get(m) is backend)
-        qualified = (
-            tuple(f"{backend.namespace}/{m}" for m in backend.models) if backend.namespace else ()
-        )
+        owned = tuple(m for m in target.ids if owner.get(m) is target)
+        qualified = {m: f"{backend.namespace}/{m}" for m in target.ids} if backend.namespace else {}
         route = Route(
-            model=served,
+            model=served if target.adapter is None else f"{served}:{target.adapter}",
             base=backend.url.rstrip("/") if backend.url else None,
             ready=backend.ready and bool(backend.url),
             owned_by=backend.namespace or "llmep",
             created=int(backend.created),
-            names=frozenset(owned) | frozenset(qualified),
+            names=frozenset(owned) | frozenset(qualified.values()),
             namespace=backend.namespace,
+            # Adapters share their base's key: one hold queue, wake-up and rotation per backend.
             key=f"{backend.namespace or ''}/{backend.name or served}",
             bases=tuple(u.rstrip("/") for u in (backend.url, *backend.extra_urls)) if backend.url else (),
+            parent=None if target.adapter is None else served,
         )
         for name in owned:
             by_name[name] = route
-            listed.append((name, route))
-        for name, qualified_name in zip(backend.models, qualified, strict=False):
+        for qualified_name in qualified.values():
             by_name.setdefault(qualified_name, route)
-            # List the qualified id only where it is the one way to reach this backend.
-            if by_name[qualified_name] is route and name not in owned:
-                listed.append((qualified_name, route))
+        # Each id as its plain name where this target owns it, else as the qualified id where
+        # that is the one way to reach it.
+        reachable = [
+            name if name in owned else qualified[name]
+            for name in target.ids
+            if name in owned or (name in qualified and by_name[qualified[name]] is route)
+        ]
+        # A base model is listed under each of its names, an adapter once.
+        listed.extend((name, route) for name in (reachable if target.adapter is None else reachable[:1]))
     return RoutingTable(by_name=by_name, listed=tuple(listed))
 
 
 def parse_routes(data: object) -> list[Backend]:
-    """Local-mode file content: a list of {models: [...], url: ..., ready: bool}.
+    """Local-mode file content: a list of {models: [...], url: ..., ready: bool, adapters: [...]}.
 
-    ``url`` may be a list: replicas of the same model, used round-robin.
+    ``url`` may be a list: replicas of the same model, used round-robin. ``adapters`` (optional)
+    names the LoRA adapters those replicas serve.
     """
     if not isinstance(data, list):
         raise ValueError("routes file must hold a list of {models, url, ready} entries")
@@ -126,11 +161,7 @@ def parse_routes(data: object) -> list[Backend]:
         models = entry.get("models")
         if isinstance(models, str):
             models = [models]
-        if (
-            not isinstance(models, list)
-            or not models
-            or not all(isinstance(m, str) and m for m in models)
-        ):
+        if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
             raise ValueError(f"routes entry {index}: 'models' must be a non-empty list of names")
         url = entry.get("url")
         urls = url if isinstance(url, list) else [url] if url is not None else []
@@ -146,9 +177,22 @@ def parse_routes(data: object) -> list[Backend]:
                 ready=ready,
                 created=now + index * 1e-6,
                 extra_urls=tuple(urls[1:]),
+                adapters=_parse_adapters(entry.get("adapters", []), models, index),
             )
         )
     return backends
+
+
+def _parse_adapters(adapters: object, models: list[str], index: int) -> tuple[str, ...]:
+    # ':' joins base and adapter in the id the backend knows, '/' qualifies names by namespace.
+    if not isinstance(adapters, list) or not all(
+        isinstance(a, str) and a and ":" not in a and "/" not in a for a in adapters
+    ):
+        raise ValueError(f"routes entry {index}: 'adapters' must be a list of names without ':' or '/'")
+    clash = [a for a in adapters if a in models]
+    if clash:
+        raise ValueError(f"routes entry {index}: adapter {clash[0]!r} is also one of the entry's models")
+    return tuple(adapters)
 
 
 class RouteStore:

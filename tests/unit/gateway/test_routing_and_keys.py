@@ -106,6 +106,16 @@ def test_endpoint_without_a_ready_replica_is_known_but_not_ready(ready, replicas
     assert build_table([backend]).lookup("m").ready is False
 
 
+def test_an_endpoints_lora_adapters_route_with_it():
+    obj = endpoint("tiny")
+    obj["spec"]["lora"] = {"source": "s3://b/adapters", "adapters": [{"name": "sql"}, {"name": "chat"}]}
+
+    backend = endpoint_to_backend(obj)
+
+    assert backend.adapters == ("sql", "chat")
+    assert build_table([backend]).lookup("tiny:chat").base == "http://tiny-serve.team-a.svc:8000/v1"
+
+
 def test_endpoint_without_status_yet_is_held_under_its_spec_names():
     obj = endpoint("m")
     obj["status"] = {}
@@ -206,6 +216,10 @@ def test_routes_file_entries_become_routes_in_file_order():
         [{"models": ["a"], "url": 3}],
         [{"models": ["a"], "ready": "yes"}],
         ["a"],
+        [{"models": ["a"], "adapters": "sql"}],
+        [{"models": ["a"], "adapters": ["a:sql"]}],
+        [{"models": ["a"], "adapters": ["team-a/sql"]}],
+        [{"models": ["a", "b"], "adapters": ["b"]}],
     ],
 )
 def test_invalid_routes_file_is_rejected(data):
