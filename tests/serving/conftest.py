@@ -21,6 +21,7 @@ import openai  # noqa: E402
 
 from llmep_serving.local import LocalServe  # noqa: E402
 from llmep_serving.tinymodel import ensure_tiny_model, tiny_ray_app  # noqa: E402
+from tests.objectstore import ObjectStore, weed_binary  # noqa: E402
 
 SERVED_NAME = "tiny"
 MIN_REPLICAS = 1
@@ -84,3 +85,15 @@ def served(tiny_model_dir) -> Iterator[LocalServe]:
 @pytest.fixture(scope="session")
 def client(served) -> openai.OpenAI:
     return openai.OpenAI(base_url=served.base_url, api_key="unused", max_retries=0, timeout=60)
+
+
+# -- object store (s3:// sources: LoRA adapters) -------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def object_store() -> Iterator[ObjectStore]:
+    """A SeaweedFS S3 store on loopback for the tier; skipped when the rig has not built weed."""
+    if weed_binary() is None:
+        pytest.skip("no SeaweedFS binary: run `hack/local-cluster build weed` (make setup builds it)")
+    with ObjectStore() as store:
+        yield store
