@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from llmep_operator.api.models import GROUP
 from llmep_operator.errors import InvalidSpec
 
@@ -15,6 +17,9 @@ RAY_API_VERSION = f"{RAY_GROUP}/{RAY_VERSION}"
 SERVE_LABEL = "ray.io/serve"  # KubeRay marks pods whose Serve proxy is healthy
 WORKER_GROUP = "workers"
 APP_NAME = "llm"
+FILL_COMPONENT = "weights-fill"  # the cache-fill Job and its pod
+# The Job controller names a Job's pods `<job>-xxxxx`.
+POD_SUFFIX = "-xxxxx"
 
 
 class NameTooLong(InvalidSpec):
@@ -37,6 +42,19 @@ def serve_service_name(endpoint: str) -> str:
 
 def cache_pvc_name(endpoint: str) -> str:
     return _checked(f"{endpoint}-weights")
+
+
+def weights_digest(source: str, revision: str | None) -> str:
+    """8 hex digits that tell one model's weights from another's: the fill Job's name and its
+    folder on the cache volume carry them, so a changed source is a new Job (a Job's template
+    is immutable) filling a folder of its own."""
+    return hashlib.sha256(f"{source}@{revision or ''}".encode()).hexdigest()[:8]
+
+
+def fill_job_name(endpoint: str, digest: str) -> str:
+    name = f"{endpoint}-fill-{digest}"
+    _checked(name + POD_SUFFIX)  # its pods' names, and the job-name label they carry
+    return name
 
 
 def longest_child_name(endpoint: str) -> str:

@@ -38,7 +38,9 @@ RENDERED_IN = {
     "`render/rayservice.py` (worker group bounds), `worker_bounds.py` (bounds patched onto the running "
     "RayCluster)",
     "cache": "`render/rayservice.py` (`_cache_pvc`: the PersistentVolumeClaim), `render/plan.py` (`make_plan`: "
-    "its mount and HF_HOME)",
+    "its mount and HF_HOME; `_cache_fill`: prefetch's Job name and folder, the model_source read from it), "
+    "`render/fill_job.py` (`fill_job`: prefetch's Job running `llmep fetch`), `reconcile.py` (the RayService "
+    "only once that Job succeeded), `fill.py` (its progress and failure in status)",
     "routing": "`render/serve_config.py` (the request router), `render/serving_path.py` (Ray's process env)",
     "access": "`render/network_policy.py` (`network_policy_for`: who may reach the Serve port)",
     "lora": "`render/serve_config.py` (`build_llm_config`: lora_config; `_engine_kwargs`: enable_lora, "

@@ -52,6 +52,16 @@ LORA_SOURCE_PATTERN = r"^(s3|gs|abfss|azure)://[^\s/]+(/[^\s]*)?$"
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 # The ranks vLLM's max_lora_rank accepts.
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# The sources `llmep fetch` copies into the cache volume (cache.prefetch).
+PREFETCH_SOURCES = ("hf://", "s3://")
+PREFETCH_NEEDS_CACHE = (
+    "cache.prefetch needs cache.enabled: true (the weights are copied into the cache volume): "
+    "set spec.cache.enabled: true or drop spec.cache.prefetch"
+)
+PREFETCH_NEEDS_REMOTE_SOURCE = (
+    "cache.prefetch needs an hf:// or s3:// spec.model.source (pvc:// and file:// weights are "
+    "already local; gs:// is not fetched): drop spec.cache.prefetch or use an hf:// or s3:// source"
+)
 # Credentials that engine.env would write into the RayService in plain text.
 CREDENTIAL_ENV = (
     "AWS_ACCESS_KEY_ID",
@@ -501,6 +511,14 @@ class CacheSpec(ApiModel):
         pattern=QUANTITY_PATTERN,
         description="Size of the cache volume, a Kubernetes quantity such as 100Gi.",
     )
+    prefetch: bool = Field(
+        default=False,
+        description=(
+            "Fill the cache volume before the first replica starts, with a Job running `llmep fetch`, "
+            "and have the replicas read the weights from it: cold starts and scale-ups from zero read "
+            "the volume, not the hub or the bucket. Needs cache.enabled; for hf:// and s3:// sources."
+        ),
+    )
 
 
 class SecretRef(ApiModel):
@@ -671,6 +689,16 @@ class LLMEndpointSpec(ApiModel):
         return self
 
     @model_validator(mode="after")
+    def _prefetch_has_a_cache_and_a_remote_source(self) -> LLMEndpointSpec:
+        if not self.cache.prefetch:
+            return self
+        if not self.cache.enabled:
+            raise ValueError(PREFETCH_NEEDS_CACHE)
+        if not self.model.source.startswith(PREFETCH_SOURCES):
+            raise ValueError(f"{PREFETCH_NEEDS_REMOTE_SOURCE}; got {self.model.source!r}")
+        return self
+
+    @model_validator(mode="after")
     def _profile_count_matches_parallelism(self) -> LLMEndpointSpec:
         count = self.resources.profile_count
         needed = self.engine.gpus_per_replica
@@ -685,6 +713,18 @@ class LLMEndpointSpec(ApiModel):
 
 # CEL twins of the cross-field checks above, attached to the spec in the generated CRD.
 SPEC_CEL_RULES = [
+    _cel(
+        "!has(self.cache) || !has(self.cache.prefetch) || !self.cache.prefetch || "
+        "(has(self.cache.enabled) && self.cache.enabled)",
+        PREFETCH_NEEDS_CACHE,
+        ".cache.prefetch",
+    ),
+    _cel(
+        "!has(self.cache) || !has(self.cache.prefetch) || !self.cache.prefetch || "
+        + " || ".join(f"self.model.source.startsWith('{prefix}')" for prefix in PREFETCH_SOURCES),
+        PREFETCH_NEEDS_REMOTE_SOURCE,
+        ".cache.prefetch",
+    ),
     _cel(
         "self.autoscaling.minReplicas <= self.autoscaling.maxReplicas",
         "autoscaling.minReplicas must be <= autoscaling.maxReplicas",

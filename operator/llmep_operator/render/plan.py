@@ -14,6 +14,9 @@ from llmep_operator.settings import OperatorSettings, ResourceProfile
 
 MODEL_MOUNT_ROOT = "/mnt/models"
 CACHE_MOUNT = "/home/ray/.cache/huggingface"
+CACHE_VOLUME = "weights-cache"
+# Prefetched weights, one folder per source and revision under it (`naming.weights_digest`).
+WEIGHTS_ROOT = f"{CACHE_MOUNT}/llmep-weights"
 HF_TOKEN_ENV = "HF_TOKEN"  # noqa: S105 - a variable name
 
 
@@ -22,10 +25,32 @@ class ModelSource:
     """Where the engine finds the weights, and what the pods mount so that it can."""
 
     scheme: SourceScheme
-    # A hub id (hf), a path inside the container (file, pvc) or the bucket's whole URI (s3, gs).
+    # A hub id (hf), a path inside the container (file, pvc, cached) or the bucket's whole URI (s3, gs).
     location: str
     volumes: tuple[PvcVolume, ...] = ()
     volume_mounts: tuple[VolumeMount, ...] = ()
+    # The fill Job copied the weights of `scheme`'s source into `location` on the cache volume.
+    cached: bool = False
+
+    @property
+    def is_local(self) -> bool:
+        """The engine opens the weights from a path in its container: nothing needs the hub."""
+        return self.cached or self.scheme.is_local
+
+    @property
+    def is_bucket(self) -> bool:
+        return not self.cached and self.scheme.is_bucket
+
+
+@dataclass(frozen=True)
+class CacheFill:
+    """cache.prefetch: a Job copies `source` (at `revision`) into `folder` on the cache volume
+    with `llmep fetch`, and the RayService is applied once it has."""
+
+    job_name: str
+    source: str
+    revision: str | None
+    folder: str
 
 
 @dataclass(frozen=True)
@@ -38,6 +63,7 @@ class ServingPlan:
     gpus_per_worker: int
     workers_per_replica: int
     model_source: ModelSource
+    fill: CacheFill | None
     # The pods' own: the model's and the weights cache's.
     volumes: tuple[PvcVolume, ...]
     volume_mounts: tuple[VolumeMount, ...]
@@ -80,8 +106,23 @@ def _split_gpus(name: str, profile: ResourceProfile, gpus: int) -> tuple[int, in
     return profile.gpus_per_node, gpus // profile.gpus_per_node
 
 
-def _model_source(endpoint: LLMEndpoint) -> ModelSource:
+def _cache_fill(endpoint: LLMEndpoint) -> CacheFill | None:
+    model = endpoint.spec.model
+    if not endpoint.spec.cache.prefetch:
+        return None
+    digest = naming.weights_digest(model.source, model.revision)
+    return CacheFill(
+        job_name=naming.fill_job_name(endpoint.metadata.name, digest),
+        source=model.source,
+        revision=model.revision,
+        folder=f"{WEIGHTS_ROOT}/{digest}",
+    )
+
+
+def _model_source(endpoint: LLMEndpoint, fill: CacheFill | None) -> ModelSource:
     uri = parse_source(endpoint.spec.model.source)
+    if fill is not None:
+        return ModelSource(scheme=uri.scheme, location=fill.folder, cached=True)
     if uri.scheme is SourceScheme.PVC:
         claim, _, path = uri.path.partition("/")
         mount = f"{MODEL_MOUNT_ROOT}/{claim}"
@@ -114,6 +155,10 @@ def _secret_env_from(endpoint: LLMEndpoint) -> tuple[EnvFromSource, ...]:
     return () if ref is None else ({"secretRef": {"name": ref.name}},)
 
 
+def cache_volume(endpoint_name: str) -> PvcVolume:
+    return {"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": naming.cache_pvc_name(endpoint_name)}}
+
+
 def make_plan(endpoint: LLMEndpoint, settings: OperatorSettings) -> ServingPlan:
     check_policy(endpoint, settings)
     resources = endpoint.spec.resources
@@ -132,18 +177,14 @@ def make_plan(endpoint: LLMEndpoint, settings: OperatorSettings) -> ServingPlan:
             "engine.pipelineParallelSize must be 1"
         )
     gpus_per_worker, workers = _split_gpus(profile_name, profile, gpus)
-    source = _model_source(endpoint)
+    fill = _cache_fill(endpoint)
+    source = _model_source(endpoint, fill)
     volumes = list(source.volumes)
     mounts = list(source.volume_mounts)
     env: list[EnvVar] = []
     if endpoint.spec.cache.enabled:
-        volumes.append(
-            {
-                "name": "weights-cache",
-                "persistentVolumeClaim": {"claimName": naming.cache_pvc_name(endpoint.metadata.name)},
-            }
-        )
-        mounts.append({"name": "weights-cache", "mountPath": CACHE_MOUNT})
+        volumes.append(cache_volume(endpoint.metadata.name))
+        mounts.append({"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT})
         env.append({"name": "HF_HOME", "value": CACHE_MOUNT})
     image = endpoint.spec.image or profile.image or settings.image
     return ServingPlan(
@@ -155,6 +196,7 @@ def make_plan(endpoint: LLMEndpoint, settings: OperatorSettings) -> ServingPlan:
         gpus_per_worker=gpus_per_worker,
         workers_per_replica=workers,
         model_source=source,
+        fill=fill,
         volumes=tuple(volumes),
         volume_mounts=tuple(mounts),
         env=tuple(env),

@@ -7,6 +7,7 @@ from typing import Any
 
 from llmep_operator import naming
 from llmep_operator.api import LLMEndpoint
+from llmep_operator.render.fill_job import fill_job
 from llmep_operator.render.network_policy import network_policy_for
 from llmep_operator.render.plan import ServingPlan, make_plan, quantity_times
 from llmep_operator.render.security import (
@@ -239,9 +240,11 @@ def children_for(plan: ServingPlan, settings: OperatorSettings, owner_uid: str |
     """build_children for a plan already made (the reconciler has one): the plan is made once."""
     pvc = _cache_pvc(plan, owner_uid)
     policy = network_policy_for(plan, settings, _metadata(plan, naming.network_policy_name(plan.name), owner_uid))
+    fill = plan.fill and fill_job(plan, plan.fill, settings, _metadata(plan, plan.fill.job_name, owner_uid))
     return [
         *([policy] if policy else []),  # before the pods exist, so they are never reachable unguarded
         *([pvc] if pvc else []),
+        *([fill] if fill else []),  # the reconciler applies the RayService once it has succeeded
         _rayservice(plan, settings, owner_uid),
         _serve_service(plan, settings, owner_uid),
     ]

@@ -32,7 +32,8 @@ def _engine_kwargs(plan: ServingPlan) -> dict[str, Any]:
         kwargs["max_model_len"] = engine.max_model_len
     if engine.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
-    if plan.endpoint.spec.model.revision:
+    if plan.endpoint.spec.model.revision and not plan.model_source.cached:
+        # A prefetched folder holds that revision already; vLLM would look it up on the hub.
         kwargs["revision"] = plan.endpoint.spec.model.revision
     lora = plan.endpoint.spec.lora
     if lora is not None:
@@ -81,14 +82,14 @@ def _deployment_config(plan: ServingPlan) -> dict[str, Any]:
 
 def _loading_source(source: ModelSource) -> str | dict[str, str]:
     """LLMConfig's model_source: a hub id or a path, or a bucket that Ray Serve LLM mirrors."""
-    return {"bucket_uri": source.location} if source.scheme.is_bucket else source.location
+    return {"bucket_uri": source.location} if source.is_bucket else source.location
 
 
 def build_llm_config(plan: ServingPlan) -> dict[str, Any]:
     endpoint = plan.endpoint
     env_vars = {**plan.profile.env, **endpoint.spec.engine.env}
-    if plan.model_source.scheme.is_local:
-        # Weights on a path in the container (file://, pvc://): never reach for the hub.
+    if plan.model_source.is_local:
+        # Weights on a path in the container (file://, pvc://, the filled cache): never reach for the hub.
         env_vars.setdefault("HF_HUB_OFFLINE", "1")
     config: dict[str, Any] = {
         "model_loading_config": {"model_id": endpoint.served_name, "model_source": _loading_source(plan.model_source)},
