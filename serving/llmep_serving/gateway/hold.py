@@ -24,6 +24,16 @@ from .routing import Route, RouteStore
 from .settings import GatewaySettings
 
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
+
+
+def keepalive_comment(route: Route) -> bytes:
+    """An SSE comment for a held stream: what the endpoint is doing (its weights' download, the
+    model loading) when its status says, else a bare keep-alive. Clients ignore comments."""
+    if not route.progress:
+        return KEEPALIVE_COMMENT
+    return f": keep-alive; {route.progress}\n\n".encode()
+
+
 WAKE_INTERVAL = 5.0  # seconds between wake-up requests to one backend
 
 
@@ -108,7 +118,7 @@ class HoldQueue:
                             if sse is None:
                                 sse = web.StreamResponse(status=200, headers=SSE_HEADERS)
                                 await sse.prepare(request)
-                            await sse.write(KEEPALIVE_COMMENT)
+                            await sse.write(keepalive_comment(route))
                     current = self.routes.table.lookup(model)
                     if current is None or not key.allows(current):
                         exc = errors.model_not_found(model)

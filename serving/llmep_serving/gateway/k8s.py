@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llmep_operator.api import GROUP, PLURAL, VERSION, ConditionType, adapter_names_of, model_ids_of
-from llmep_operator.api.conditions import is_true
+from llmep_operator.api.conditions import condition, is_true
 
 from .auth import KEY_LABEL, ApiKey, key_from_secret
 from .routing import Backend
@@ -50,6 +50,15 @@ def is_ready(status: Mapping[str, Any]) -> bool:
     return ready
 
 
+def _progress(status: Mapping[str, Any]) -> str:
+    """'DownloadingWeights: downloading weights into the cache: 12.3 of 140.0 GiB, ...' while not Ready."""
+    ready = condition(status, ConditionType.READY)
+    if ready.get("status") == "True" or not ready.get("reason"):
+        return ""
+    message = " ".join(str(ready.get("message") or "").split())  # one line: it goes into an SSE comment
+    return f"{ready['reason']}: {message}"[:300] if message else str(ready["reason"])
+
+
 def endpoint_to_backend(obj: Mapping[str, Any], url_template: str = DEFAULT_BACKEND_URL_TEMPLATE) -> Backend | None:
     """One LLMEndpoint to a backend, or None when it names no model at all.
 
@@ -74,6 +83,7 @@ def endpoint_to_backend(obj: Mapping[str, Any], url_template: str = DEFAULT_BACK
     published = isinstance(status.get("url"), str) and status["url"]
     url = url_template.format(name=name, namespace=namespace) if published and name and namespace else None
     return Backend(
+        progress=_progress(status),
         models=names,
         url=url,
         ready=is_ready(status),

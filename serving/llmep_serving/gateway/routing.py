@@ -24,6 +24,7 @@ class Backend:
     created: float = 0.0  # epoch seconds; orders name collisions, oldest wins
     extra_urls: tuple[str, ...] = ()  # further replicas of the same model (local mode)
     adapters: tuple[str, ...] = ()  # LoRA adapter names, which Ray Serve LLM knows as "<served>:<adapter>"
+    progress: str = ""  # what the endpoint is doing while not ready (its Ready condition), for held streams
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Route:
     key: str = ""  # identity of the backend, stable across table rebuilds
     bases: tuple[str, ...] = ()  # every replica's base URL, ``base`` first; chosen round-robin
     parent: str | None = None  # a LoRA adapter's base model (its served name); None for a base model
+    progress: str = ""  # Backend.progress
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ def build_table(backends: Iterable[Backend], plain_name_namespaces: Collection[s
             key=f"{backend.namespace or ''}/{backend.name or served}",
             bases=tuple(u.rstrip("/") for u in (backend.url, *backend.extra_urls)) if backend.url else (),
             parent=None if target.adapter is None else served,
+            progress=backend.progress,
         )
         for name in owned:
             by_name[name] = route

@@ -26,9 +26,7 @@ def held(gw) -> float:
     return gw.server.metrics.model("m").held
 
 
-async def test_held_request_is_forwarded_once_the_model_turns_ready(
-    backend_factory, gateway_factory
-):
+async def test_held_request_is_forwarded_once_the_model_turns_ready(backend_factory, gateway_factory):
     backend = await backend_factory("b")
     gw = await gateway_factory([{"models": ["m"], "url": backend.url, "ready": False}])
     request = asyncio.create_task(client(gw.url).chat.completions.create(model="m", messages=[]))
@@ -41,9 +39,7 @@ async def test_held_request_is_forwarded_once_the_model_turns_ready(
     assert reply.choices[0].message.content == "from b"
     assert held(gw) == 0
     # The gateway nudged the scaled-to-zero backend with one tiny completion.
-    wake = [
-        r for r, p in zip(backend.requests, backend.paths, strict=True) if p == "/v1/completions"
-    ]
+    wake = [r for r, p in zip(backend.requests, backend.paths, strict=True) if p == "/v1/completions"]
     assert wake == [{"model": "m", "prompt": "wake", "max_tokens": 1}]
 
 
@@ -80,19 +76,13 @@ async def test_held_queue_full_is_503(backend_factory, gateway_factory):
     assert "retry-after" in err.value.response.headers
 
 
-async def test_held_stream_gets_keepalive_comments_then_the_answer(
-    backend_factory, gateway_factory
-):
+async def test_held_stream_gets_keepalive_comments_then_the_answer(backend_factory, gateway_factory):
     backend = await backend_factory("b", chunks=2)
-    gw = await gateway_factory(
-        [{"models": ["m"], "url": backend.url, "ready": False}], hold_keepalive_interval=0.1
-    )
+    gw = await gateway_factory([{"models": ["m"], "url": backend.url, "ready": False}], hold_keepalive_interval=0.1)
 
     lines = []
     async with httpx.AsyncClient() as h:
-        async with h.stream(
-            "POST", f"{gw.url}/chat/completions", json={"model": "m", "stream": True}
-        ) as reply:
+        async with h.stream("POST", f"{gw.url}/chat/completions", json={"model": "m", "stream": True}) as reply:
             async for line in reply.aiter_lines():
                 if line:
                     lines.append(line)
@@ -109,9 +99,7 @@ async def test_held_stream_gets_keepalive_comments_then_the_answer(
     assert len(data) == 4  # two chunks, the usage chunk, [DONE]
 
 
-async def test_held_stream_past_the_deadline_ends_with_an_sse_error(
-    backend_factory, gateway_factory
-):
+async def test_held_stream_past_the_deadline_ends_with_an_sse_error(backend_factory, gateway_factory):
     gw = await gateway_factory(
         [{"models": ["m"], "url": "http://127.0.0.1:9/v1", "ready": False}],
         hold_keepalive_interval=0.1,
@@ -127,9 +115,7 @@ async def test_held_stream_past_the_deadline_ends_with_an_sse_error(
 
 async def test_sdk_stream_through_a_hold_sees_only_the_chunks(backend_factory, gateway_factory):
     backend = await backend_factory("b", chunks=3)
-    gw = await gateway_factory(
-        [{"models": ["m"], "url": backend.url, "ready": False}], hold_keepalive_interval=0.05
-    )
+    gw = await gateway_factory([{"models": ["m"], "url": backend.url, "ready": False}], hold_keepalive_interval=0.05)
 
     # create() returns with the 200, which a held stream gets with its first keep-alive.
     stream = await client(gw.url).chat.completions.create(model="m", messages=[], stream=True)
@@ -154,3 +140,44 @@ async def test_model_removed_while_held_is_404(backend_factory, gateway_factory)
 
     with pytest.raises(openai.NotFoundError):
         await asyncio.wait_for(request, 5)
+
+
+async def test_held_stream_comments_carry_the_endpoints_progress(backend_factory, gateway_factory):
+    """While the weights download, a held stream's keep-alives say how far along they are (from
+    the endpoint's Ready condition, as the gateway's LLMEndpoint watch reads it)."""
+    from llmep_serving.gateway.k8s import endpoint_to_backend
+    from llmep_serving.gateway.routing import build_table
+
+    backend = await backend_factory("b", chunks=1)
+    gw = await gateway_factory([], hold_keepalive_interval=0.1)
+
+    def publish(ready: bool, message: str) -> None:
+        reason = "Serving" if ready else "DownloadingWeights"
+        endpoint = {
+            "metadata": {"name": "m", "namespace": "team-a", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"model": {"source": "s3://models/m"}},
+            "status": {
+                "url": "http://m-serve.team-a.svc:8000/v1",
+                "models": ["m"],
+                "conditions": [{"type": "Ready", "status": str(ready), "reason": reason, "message": message}],
+            },
+        }
+        gw.server.routes.replace(build_table([endpoint_to_backend(endpoint, backend.url)]))
+
+    publish(False, "downloading weights into the cache:\n1.2 of 14.0 GiB, 310 MiB/s, about 1 min")
+    comments = []
+    async with httpx.AsyncClient() as h:
+        async with h.stream("POST", f"{gw.url}/chat/completions", json={"model": "m", "stream": True}) as reply:
+            async for line in reply.aiter_lines():
+                if line.startswith(":"):
+                    comments.append(line)
+                    if len(comments) == 2:
+                        publish(False, "downloading weights into the cache: 9.8 of 14.0 GiB, 305 MiB/s, about 15 s")
+                    if len(comments) == 4:
+                        publish(True, "")
+
+    assert comments[0] == (
+        ": keep-alive; DownloadingWeights: downloading weights into the cache: 1.2 of 14.0 GiB, 310 MiB/s, about 1 min"
+    )
+    assert comments[-1].endswith("9.8 of 14.0 GiB, 305 MiB/s, about 15 s")
+    assert reply.status_code == 200
