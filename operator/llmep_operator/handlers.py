@@ -2,10 +2,11 @@
 
 Run with `kopf run -m llmep_operator.handlers` (or `llmep operator`).
 
-What the operator watches (its LLMEndpoints, their labelled children and pods) is kept in kopf
-indexes, so an event costs no API call. Every change (a new endpoint or spec generation, a child
+What the operator watches (its LLMEndpoints, their labelled children, cache-fill Jobs and pods)
+is kept in kopf indexes, so an event costs no API call. Every change (a new endpoint or spec generation, a child
 or pod event, the drift timer) asks for one pass over its endpoint; passes coalesce per endpoint
-and retry on their own, so the operator needs none of kopf's change-tracking annotations.
+and retry on their own (and come again every few seconds while weights download, whose progress
+only the fill pod's log shows), so the operator needs none of kopf's change-tracking annotations.
 Settings, the API client and the reconciler are made at startup and live in kopf's memo.
 """
 
@@ -29,6 +30,7 @@ from llmep_operator.kube import BoundedApiClient, Kube, load_config
 from llmep_operator.observed import Seen, slim, slim_child, slim_pod, whole
 from llmep_operator.reconcile import EndpointKey, Reconciler
 from llmep_operator.settings import OperatorSettings
+from llmep_operator.status import look_again_in
 
 log = logging.getLogger(__name__)
 # Answers that mean the API server is away, restarting or overloaded, or that other status
@@ -98,6 +100,12 @@ async def pvc_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body,
     return {_child_key(namespace, labels): slim_child(body)}
 
 
+# Several per endpoint for a while: the fill Job of a new source beside the one it replaces.
+@kopf.index("batch", "v1", "jobs", labels=LABELLED)
+async def job_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[EndpointKey, Any]:
+    return {_child_key(namespace, labels): slim_child(body)}
+
+
 @kopf.index("", "v1", "pods", labels=LABELLED)
 async def pod_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[EndpointKey, Any]:
     return {_child_key(namespace, labels): slim_pod(body)}
@@ -135,11 +143,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **indexes: Any) 
         "PersistentVolumeClaim": indexes["pvc_index"],
     }
     pods: kopf.Index[EndpointKey, Any] = indexes["pod_index"]
+    jobs: kopf.Index[EndpointKey, Any] = indexes["job_index"]
 
     def look(namespace: str, name: str) -> Seen:
         key = (namespace, name)
         found = {kind: values[0] for kind, index in children.items() if (values := _values(index, key))}
-        return Seen(children=found, pods=_values(pods, key))
+        return Seen(children=found, pods=_values(pods, key), jobs=_values(jobs, key))
 
     configuration = load_config()
     configuration.connection_pool_maxsize = CONCURRENT_PASSES  # one connection per pass thread
@@ -191,14 +200,15 @@ async def _check_drift_forever(memo: kopf.Memo) -> None:
 
 
 def _pass(reconciler: Reconciler, body: dict[str, Any]) -> float | None:
-    """One pass over an endpoint; the seconds after which to try again when it failed, else None.
+    """One pass over an endpoint; the seconds after which to pass again (it failed, or weights
+    are downloading), else None.
 
     A spec that cannot be served is not retried: its status and Event say why, and the next
     change of the spec is a new pass."""
     meta = body["metadata"]
     where = f"{meta['namespace']}/{meta['name']}"
     try:
-        reconciler.reconcile(body)
+        return look_again_in(reconciler.reconcile(body))
     except InvalidSpec as error:
         log.info("%s cannot be served: %s", where, error)
     except NotYet as error:
@@ -230,6 +240,7 @@ async def endpoint_changed(
 @kopf.on.event(naming.RAY_GROUP, naming.RAY_VERSION, "rayservices", labels=LABELLED)
 @kopf.on.event("", "v1", "services", labels=LABELLED)
 @kopf.on.event("", "v1", "persistentvolumeclaims", labels=LABELLED)
+@kopf.on.event("batch", "v1", "jobs", labels=LABELLED)
 @kopf.on.event("", "v1", "pods", labels=LABELLED)
 async def child_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
     """A child changed or went (it is applied again), or a pod did (status follows)."""

@@ -23,6 +23,7 @@ _RESOURCES = {
     (naming.RAY_API_VERSION, "RayCluster"): (f"/apis/{naming.RAY_API_VERSION}", "rayclusters"),
     ("v1", "Service"): ("/api/v1", "services"),
     ("v1", "PersistentVolumeClaim"): ("/api/v1", "persistentvolumeclaims"),
+    ("batch/v1", "Job"): ("/apis/batch/v1", "jobs"),
     ("networking.k8s.io/v1", "NetworkPolicy"): ("/apis/networking.k8s.io/v1", "networkpolicies"),
     (API_VERSION, KIND): (f"/apis/{API_VERSION}", PLURAL),
 }
@@ -90,27 +91,38 @@ class Kube:
         body: Any = None,
         query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
-    ) -> dict[str, Any]:
+        accept: str = "application/json",
+        answer: str = "object",
+    ) -> Any:
         request = self.api.param_serialize(
             method=method,
             resource_path=path,
             query_params=query or [],
-            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            header_params={"Content-Type": content_type, "Accept": accept},
             body=body,
             auth_settings=["BearerToken"],
         )
         response = self.api.call_api(*request)
         response.read()
         # Raises ApiException for every non-2xx answer, with the server's message.
-        # Every path above answers one JSON object (an object, a list of them, or a Status).
-        return cast(dict[str, Any], self.api.response_deserialize(response, {"2XX": "object"}).data)
+        # Every path above answers one JSON object (an object, a list of them, or a Status); a
+        # pod's log answers text.
+        return self.api.response_deserialize(response, {"2XX": answer}).data
 
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply under the operator's field manager; our fields win conflicts."""
         meta = obj["metadata"]
         path = self._path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
         query = [("fieldManager", self.field_manager), ("force", "true")]
-        return self._call("PATCH", path, obj, query, "application/apply-patch+yaml")
+        return cast(dict[str, Any], self._call("PATCH", path, obj, query, "application/apply-patch+yaml"))
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        """Delete the object and, in the background, what it owns (a Job's pods); gone already is fine."""
+        try:
+            self._call("DELETE", self._path(api_version, kind, namespace, name), {"propagationPolicy": "Background"})
+        except ApiException as error:
+            if error.status != 404:
+                raise
 
     def json_patch(self, api_version: str, kind: str, namespace: str, name: str, ops: list[dict[str, Any]]) -> None:
         """An RFC 6902 patch: the only way to change one list item without owning the whole list."""
@@ -120,7 +132,7 @@ class Kube:
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return self._call("GET", self._path(api_version, kind, namespace, name))
+            return cast(dict[str, Any], self._call("GET", self._path(api_version, kind, namespace, name)))
         except ApiException as error:
             if error.status == 404:
                 return None
@@ -131,6 +143,12 @@ class Kube:
         result = self._call("GET", f"/api/v1/namespaces/{namespace}/pods", query=[("labelSelector", selector)])
         items: list[dict[str, Any]] = result.get("items", [])
         return items
+
+    def pod_log_tail(self, namespace: str, pod: str, lines: int = 2) -> str:
+        """The last `lines` lines of the pod's (only) container's log."""
+        path = f"/api/v1/namespaces/{namespace}/pods/{pod}/log"
+        data = self._call("GET", path, query=[("tailLines", str(lines))], accept="text/plain", answer="bytearray")
+        return bytes(data).decode("utf-8", errors="replace")
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any], resource_version: str) -> None:
         """Merge-patch status, only over `resource_version`: the API server answers 409 Conflict

@@ -58,11 +58,17 @@ def whole(kept: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A pod as status needs it: its name, labels, deletion and conditions (not its spec)."""
+    """A pod as status needs it: its name, labels, deletion, conditions and its containers' states
+    (why one waits, or the message it ended with: a fill pod's failure), not its spec."""
     meta = body.get("metadata") or {}
     kept_meta = {key: meta[key] for key in ("name", "labels", "deletionTimestamp") if key in meta}
-    conditions = (body.get("status") or {}).get("conditions") or []
-    return {"metadata": kept_meta, "status": {"conditions": conditions}}
+    status = body.get("status") or {}
+    kept_status: dict[str, Any] = {"conditions": status.get("conditions") or []}
+    if status.get("containerStatuses"):
+        kept_status["containerStatuses"] = [
+            {"name": c.get("name"), "state": c.get("state") or {}} for c in status["containerStatuses"]
+        ]
+    return {"metadata": kept_meta, "status": kept_status}
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,8 @@ class Seen:
 
     children: Mapping[str, dict[str, Any]] = field(default_factory=dict)  # by kind, as `slim_child` keeps them
     pods: list[dict[str, Any]] = field(default_factory=list)
+    # The cache-fill Jobs, as `slim_child` keeps them: the current one, and any of an earlier source.
+    jobs: list[dict[str, Any]] = field(default_factory=list)
 
     def child(self, kind: str) -> dict[str, Any] | None:
         """The child of `kind` as the API server returned it (less managedFields), or None."""
@@ -80,6 +88,12 @@ class Seen:
     @property
     def rayservice(self) -> dict[str, Any] | None:
         return self.child("RayService")
+
+    def fill_jobs(self) -> list[dict[str, Any]]:
+        return [whole(kept) for kept in self.jobs]
+
+    def job(self, name: str) -> dict[str, Any] | None:
+        return next((job for job in self.fill_jobs() if job["metadata"].get("name") == name), None)
 
 
 # (namespace, endpoint name) -> what the watches show for it.

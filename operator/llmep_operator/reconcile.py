@@ -4,6 +4,9 @@ Flow: parse, plan and render (pure) -> compare each child with what the watches 
 and apply, by server-side apply, only those missing or different -> observe the RayService and
 pods -> write status when it changed -> post an Event when Ready flipped. When no child changed
 since it was last applied or checked, the pass renders nothing and only looks at status.
+
+With cache.prefetch the fill Job comes first: the RayService is applied only once it has
+succeeded, and never after it failed; while it runs, status shows the progress its pod logs.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from llmep_operator import naming
+from llmep_operator import fill, naming
 from llmep_operator.api import API_VERSION, KIND, model_ids_of, parse_endpoint
 from llmep_operator.errors import InvalidSpec, NotYet
 from llmep_operator.kube import Kube
@@ -24,7 +27,7 @@ from llmep_operator.observed import Look, Seen, covers
 from llmep_operator.render import make_plan
 from llmep_operator.render.rayservice import children_for
 from llmep_operator.settings import OperatorSettings
-from llmep_operator.status import Observation, build_status, ready_transition, status_patch
+from llmep_operator.status import Fill, FillState, Observation, build_status, ready_transition, status_patch
 from llmep_operator.worker_bounds import bounds_patch, cluster_names, wanted_bounds
 
 log = logging.getLogger(__name__)
@@ -33,7 +36,8 @@ STATUS_WRITE_ATTEMPTS = 5
 # Children the operator watches, so a drift check can compare them from memory. A
 # NetworkPolicy is not watched (the operator may not list them): it is applied again once per
 # drift period.
-WATCHED_KINDS = frozenset({"RayService", "Service", "PersistentVolumeClaim"})
+WATCHED_KINDS = frozenset({"RayService", "Service", "PersistentVolumeClaim", "Job"})
+JOB_API_VERSION = "batch/v1"
 
 EndpointKey = tuple[str, str]  # (namespace, name)
 
@@ -77,6 +81,7 @@ class Checked:
     observation: Observation  # the generation's status facts (cluster fields unset)
     versions: dict[str, str]  # kind -> resourceVersion, watched kinds
     applied_at: dict[str, float]  # kind -> monotonic time, unwatched kinds
+    fill_job: str | None = None  # the cache-fill Job's name, with cache.prefetch
 
     def is_for(self, body: dict[str, Any]) -> bool:
         """Whether `body` is the endpoint and generation this was checked for."""
@@ -87,6 +92,8 @@ class Checked:
         if not self.is_for(body):
             return False
         live = {kind: _version(child) for kind, child in seen.children.items()}
+        if self.fill_job:
+            live["Job"] = _version(seen.job(self.fill_job))
         due = any(now - at >= period for at in self.applied_at.values())
         return not due and all(live.get(kind) == version for kind, version in self.versions.items())
 
@@ -132,7 +139,13 @@ class Reconciler:
         checked = self._checked.get(key)
         seen = self.look(*key)
         if checked and checked.still_holds(body, seen, time.monotonic(), self.settings.drift_check_seconds):
-            obs = dataclasses.replace(checked.observation, rayservice=seen.rayservice, pods=seen.pods)
+            job = seen.job(checked.fill_job) if checked.fill_job else None
+            obs = dataclasses.replace(
+                checked.observation,
+                rayservice=seen.rayservice,
+                pods=seen.pods,
+                fill=self._observe_fill(key[0], checked.fill_job, job, seen.pods),
+            )
             if seen.rayservice:
                 self._sync_worker_bounds(key, seen.rayservice)
             return self._write_status(body, obs)
@@ -150,9 +163,18 @@ class Reconciler:
             self._write_status(body, obs)
             raise InvalidSpec(obs.invalid or "invalid spec")
         rayservice = seen.rayservice
+        job: dict[str, Any] | None = None
         try:
+            self._delete_other_fill_jobs(key[0], seen, wanted.children)
             for child in wanted.children:
                 kind = child["kind"]
+                if kind == "Job":
+                    checked.fill_job = child["metadata"]["name"]
+                    job = self._fill_job(child, seen)
+                    checked.versions[kind] = _version(job) or ""
+                    continue
+                if kind == "RayService" and checked.fill_job and fill.job_state(job) is not FillState.COMPLETE:
+                    continue  # the replicas would read an empty cache: applied once the fill succeeded
                 live = seen.child(kind)
                 if not (kind in WATCHED_KINDS and covers(live, child)):
                     live = self._apply(child)
@@ -172,7 +194,47 @@ class Reconciler:
         if rayservice:
             self._sync_worker_bounds(key, rayservice)
         obs.rayservice, obs.pods = rayservice, seen.pods
+        obs.fill = self._observe_fill(key[0], checked.fill_job, job, seen.pods)
         return self._write_status(body, obs)
+
+    def _fill_job(self, wanted: dict[str, Any], seen: Seen) -> dict[str, Any] | None:
+        """The cache-fill Job as it is after this pass: created when missing. A Job's template is
+        immutable, so one that no longer matches the spec (another image or Secret) and has not
+        succeeded is deleted, and made again by the pass its deletion brings; None meanwhile."""
+        live = seen.job(wanted["metadata"]["name"])
+        if live is None:
+            return self._apply(wanted)
+        if covers(live, wanted) or fill.job_state(live) is FillState.COMPLETE:
+            return live
+        meta = wanted["metadata"]
+        log.info("replacing the fill Job %s/%s: the spec changed its template", meta["namespace"], meta["name"])
+        self.kube.delete(JOB_API_VERSION, "Job", meta["namespace"], meta["name"])
+        return None
+
+    def _delete_other_fill_jobs(self, namespace: str, seen: Seen, children: list[dict[str, Any]]) -> None:
+        """Fill Jobs of an earlier source (or of a spec without prefetch) are the operator's to remove."""
+        wanted = {c["metadata"]["name"] for c in children if c["kind"] == "Job"}
+        for job in seen.fill_jobs():
+            name = job["metadata"]["name"]
+            if name not in wanted and not job["metadata"].get("deletionTimestamp"):
+                log.info("deleting the fill Job %s/%s: the spec no longer asks for it", namespace, name)
+                self.kube.delete(JOB_API_VERSION, "Job", namespace, name)
+
+    def _observe_fill(
+        self, namespace: str, name: str | None, job: dict[str, Any] | None, pods: list[dict[str, Any]]
+    ) -> Fill | None:
+        """The fill's state; while it runs, the progress its pod last logged (the one read a pass makes)."""
+        if name is None:
+            return None
+        own = fill.fill_pods(name, pods)
+        running = fill.running_pod(own) if fill.job_state(job) is FillState.RUNNING else None
+        tail = None
+        if running:
+            try:
+                tail = self.kube.pod_log_tail(namespace, running, lines=2)
+            except ApiException as error:  # progress is a courtesy: status still says it downloads
+                log.debug("no log of fill pod %s/%s: %s", namespace, running, error.reason)
+        return fill.observe(job, own, tail)
 
     def _apply(self, child: dict[str, Any]) -> dict[str, Any]:
         try:

@@ -1,11 +1,14 @@
 """Status from what the cluster shows: pure functions from observations to conditions.
 
 No `phase` state machine: each cycle derives Ready, Progressing and Degraded afresh from the
-RayService and the endpoint's pods, and keeps `lastTransitionTime` only when a status flips.
+RayService, the cache-fill Job and the endpoint's pods, and keeps `lastTransitionTime` only when
+a status flips.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -17,6 +20,23 @@ from llmep_operator.api.conditions import condition, is_true
 READY, PROGRESSING, DEGRADED = ConditionType.READY.value, ConditionType.PROGRESSING.value, ConditionType.DEGRADED.value
 APP_FAILED = {"DEPLOY_FAILED", "UNHEALTHY"}
 WARNING_REASONS = {Reason.INVALID_SPEC, Reason.WAITING_FOR_GPU_NODE, Reason.BACKEND_FAILED}
+# While weights download only the fill pod's log moves, which no watch sees: look this often.
+FILL_POLL_SECONDS = 5.0
+
+
+class FillState(enum.Enum):
+    RUNNING = "running"
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Fill:
+    """The cache-fill Job (cache.prefetch) as seen: its state, and the progress it reports or why
+    it waits (running) or why it failed."""
+
+    state: FillState
+    detail: str
 
 
 @dataclass
@@ -31,6 +51,7 @@ class Observation:
     invalid: str | None = None
     rayservice: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = field(default_factory=list)
+    fill: Fill | None = None  # None without cache.prefetch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +66,7 @@ class Verdict:
     degraded: bool = False
     degraded_reason: Reason = Reason.AS_EXPECTED
     degraded_message: str = ""
+    progressing_message: str = ""  # when Progressing says something other than Ready's message
 
 
 def _on_the_way(reason: Reason, message: str) -> Verdict:
@@ -67,6 +89,10 @@ def _failed(reason: Reason, message: str, *, ready: bool = False) -> Verdict:
 
 def _is_worker(pod: dict[str, Any]) -> bool:
     return (pod.get("metadata", {}).get("labels") or {}).get("ray.io/node-type") == "worker"
+
+
+def is_fill_pod(pod: dict[str, Any]) -> bool:
+    return (pod.get("metadata", {}).get("labels") or {}).get(naming.COMPONENT_LABEL) == naming.FILL_COMPONENT
 
 
 def _pod_ready(pod: dict[str, Any]) -> bool:
@@ -101,17 +127,43 @@ def _app_status(rayservice: dict[str, Any]) -> tuple[str, str]:
     return app.get("status", ""), message
 
 
+def _serving(rayservice: dict[str, Any] | None) -> bool:
+    status = (rayservice or {}).get("status") or {}
+    return is_true(status, "Ready") or status.get("serviceStatus") == "Running"
+
+
 def judge(obs: Observation) -> Verdict:
     if obs.invalid:
         return _failed(Reason.INVALID_SPEC, obs.invalid)
+    fill = obs.fill
+    if fill is not None and fill.state is FillState.FAILED:
+        # Nothing is applied after a failed fill; what already runs (an earlier source) goes on.
+        return _failed(
+            Reason.BACKEND_FAILED, f"filling the cache failed: {fill.detail}", ready=_serving(obs.rayservice)
+        )
+    if fill is not None and fill.state is FillState.RUNNING:
+        downloading = f"downloading weights into the cache: {fill.detail}"
+        if obs.rayservice is None:
+            return _on_the_way(Reason.DOWNLOADING_WEIGHTS, downloading)
+        # A new source fills while the RayService of the earlier one keeps serving.
+        return dataclasses.replace(
+            _judge_cluster(obs),
+            progressing=True,
+            progressing_reason=Reason.DOWNLOADING_WEIGHTS,
+            progressing_message=downloading,
+        )
+    return _judge_cluster(obs)
+
+
+def _judge_cluster(obs: Observation) -> Verdict:
+    """What the RayService and the Ray pods show."""
     if obs.rayservice is None:
         return _on_the_way(Reason.RECONCILING, "creating the RayService")
 
     _, ready_replicas = replica_counts(obs)
-    pending = unschedulable_reason(obs.pods)
+    pending = unschedulable_reason([p for p in obs.pods if not is_fill_pod(p)])
     app_status, app_message = _app_status(obs.rayservice)
-    rayservice_status = obs.rayservice.get("status") or {}
-    serving = is_true(rayservice_status, "Ready") or rayservice_status.get("serviceStatus") == "Running"
+    serving = _serving(obs.rayservice)
 
     if app_status in APP_FAILED:
         message = f"Ray Serve application is {app_status}: {app_message}".rstrip(": ")
@@ -174,7 +226,7 @@ def build_status(obs: Observation, old_status: dict[str, Any] | None, now: datet
             PROGRESSING,
             verdict.progressing,
             verdict.progressing_reason,
-            verdict.message if verdict.progressing else "",
+            (verdict.progressing_message or verdict.message) if verdict.progressing else "",
             obs.generation,
             stamp,
         ),
@@ -209,6 +261,14 @@ def status_patch(old_status: dict[str, Any] | None, new_status: dict[str, Any]) 
     patch = {k: v for k, v in new_status.items() if old_status.get(k) != v}
     patch.update({k: None for k in old_status if k not in new_status and k != "kopf"})
     return patch
+
+
+def look_again_in(status: dict[str, Any] | None) -> float | None:
+    """Seconds after which to look at the endpoint again though nothing it watches changed: while
+    weights download, so the progress in status moves; else None."""
+    progressing = condition(status, PROGRESSING)
+    downloading = (progressing.get("status"), progressing.get("reason")) == ("True", Reason.DOWNLOADING_WEIGHTS)
+    return FILL_POLL_SECONDS if downloading else None
 
 
 def ready_transition(old_status: dict[str, Any] | None, new_status: dict[str, Any]) -> tuple[str, str, str] | None:

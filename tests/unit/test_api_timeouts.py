@@ -37,7 +37,7 @@ def silent_server() -> Iterator[str]:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
-INDEXES = ("endpoint_index", "rayservice_index", "service_index", "pvc_index", "pod_index")
+INDEXES = ("endpoint_index", "rayservice_index", "service_index", "pvc_index", "job_index", "pod_index")
 
 
 def _kubeconfig(folder) -> str:
