@@ -433,6 +433,11 @@ OPERATOR_NAMESPACED = [
     ("patch", "persistentvolumeclaims", ""),
     ("list", "pods", ""),
     ("watch", "pods", ""),
+    ("get", "pods", "log"),
+    ("create", "jobs.batch", ""),
+    ("patch", "jobs.batch", ""),
+    ("watch", "jobs.batch", ""),
+    ("delete", "jobs.batch", ""),
     ("create", "events", ""),
     ("create", "events.events.k8s.io", ""),
 ]
@@ -440,6 +445,8 @@ OPERATOR_DENIED = [
     ("list", "secrets", ""),
     ("delete", "rayservices.ray.io", ""),
     ("create", "pods", ""),
+    ("delete", "pods", ""),
+    ("create", "pods", "exec"),
     ("update", "llmendpoints.llmep.io", ""),
     ("patch", "llmendpoints.llmep.io", ""),  # the operator writes only status
 ]

@@ -250,6 +250,18 @@ def test_cluster_wide_mode_uses_cluster_roles_and_a_namespaced_secrets_role():
     assert lease["metadata"]["namespace"] == "llmep-system"
 
 
+def test_operator_may_run_fill_jobs_and_read_their_logs_and_no_more():
+    """cache.prefetch: the operator applies, watches and deletes its fill Jobs and reads their
+    pods' logs; it never creates pods or reads other subresources of them."""
+    rules = by_kind(template(), "ClusterRole")["llmep-operator-llmep-system"]["rules"]
+    jobs = [r for r in rules if "jobs" in r["resources"]]
+    assert jobs == [
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]}
+    ]
+    pods = {res: r["verbs"] for r in rules if r["apiGroups"] == [""] for res in r["resources"] if res.startswith("pods")}
+    assert pods == {"pods": ["get", "list", "watch"], "pods/log": ["get"]}
+
+
 def test_namespaced_mode_has_one_role_per_watched_namespace_and_no_cluster_wide_endpoint_rights():
     objects = template(CHART / "ci" / "values-namespaced.yaml")
     roles = [o for o in objects if o["kind"] == "Role"]

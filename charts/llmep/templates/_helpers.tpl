@@ -137,9 +137,17 @@ seccompProfile:
   resources: [networkpolicies]
   verbs: [get, create, patch]
 {{- end }}
+- apiGroups: [batch]
+  # cache.prefetch's fill Job: applied, watched, and deleted once the model's source changes.
+  resources: [jobs]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
+- apiGroups: [""]
+  # The last progress line of the fill pod, shown in the endpoint's status.
+  resources: [pods/log]
+  verbs: [get]
 - apiGroups: [""]
   resources: [events]
   verbs: [create, patch]
