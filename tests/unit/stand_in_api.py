@@ -17,7 +17,7 @@ Answer = Callable[[str, str, bytes], tuple[int, str, bytes]]
 
 @contextlib.contextmanager
 def stand_in_api(answer: Answer) -> Iterator[str]:
-    """Serve `answer` for GET, PATCH and POST; yields the server's URL."""
+    """Serve `answer` for GET, PATCH, POST and DELETE; yields the server's URL."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def _answer(self) -> None:
@@ -29,7 +29,7 @@ def stand_in_api(answer: Answer) -> Iterator[str]:
             self.end_headers()
             self.wfile.write(body)
 
-        do_GET = do_PATCH = do_POST = _answer
+        do_GET = do_PATCH = do_POST = do_DELETE = _answer
 
         def log_message(self, *args: object) -> None:
             pass

@@ -258,7 +258,9 @@ def test_operator_may_run_fill_jobs_and_read_their_logs_and_no_more():
     assert jobs == [
         {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]}
     ]
-    pods = {res: r["verbs"] for r in rules if r["apiGroups"] == [""] for res in r["resources"] if res.startswith("pods")}
+    pods = {
+        res: r["verbs"] for r in rules if r["apiGroups"] == [""] for res in r["resources"] if res.startswith("pods")
+    }
     assert pods == {"pods": ["get", "list", "watch"], "pods/log": ["get"]}
 
 

@@ -196,3 +196,89 @@ def test_children_are_owned_by_the_endpoint_and_labelled():
         assert child["metadata"]["labels"]["llmep.io/endpoint"] == "qwen-small"
     kinds = [c["kind"] for c in build_children(_endpoint(MINIMAL, cache={"enabled": True}), SETTINGS)]
     assert kinds == ["PersistentVolumeClaim", "RayService", "Service"]
+
+
+PREFETCH = FIXTURES / "valid" / "prefetch-s3.yaml"
+
+
+def _by_kind(children: list[dict]) -> dict[str, dict]:
+    return {c["kind"]: c for c in children}
+
+
+def test_prefetch_fills_the_cache_with_a_job_before_the_rayservice():
+    children = build_children(_endpoint(PREFETCH), SETTINGS, owner_uid="u1")
+    assert [c["kind"] for c in children] == ["PersistentVolumeClaim", "Job", "RayService", "Service"]
+    job = _by_kind(children)["Job"]
+    assert job["metadata"]["name"].startswith("qwen-prefetched-fill-")
+    assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "weights-fill"
+    assert job["metadata"]["labels"]["llmep.io/endpoint"] == "qwen-prefetched"
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "u1"
+    assert job["spec"]["backoffLimit"] == 2
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["containers"]
+    folder = container["command"][3]
+    assert container["command"] == ["llmep", "fetch", "s3://models/qwen2.5-7b-instruct", folder]
+    assert folder.startswith("/home/ray/.cache/huggingface/llmep-weights/")
+    assert container["image"] == make_plan(_endpoint(PREFETCH), SETTINGS).image
+    assert {"name": "weights-cache", "mountPath": "/home/ray/.cache/huggingface"} in container["volumeMounts"]
+    assert {"name": "weights-cache", "persistentVolumeClaim": {"claimName": "qwen-prefetched-weights"}} in pod[
+        "volumes"
+    ]
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+    sc = container["securityContext"]
+    assert (sc["allowPrivilegeEscalation"], sc["readOnlyRootFilesystem"], sc["capabilities"]) == (
+        False,
+        True,
+        {"drop": ["ALL"]},
+    )
+    assert container["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}
+
+
+def test_prefetched_replicas_read_the_filled_folder_offline():
+    children = _by_kind(build_children(_endpoint(PREFETCH), SETTINGS))
+    folder = children["Job"]["spec"]["template"]["spec"]["containers"][0]["command"][3]
+    llm = _serve_config_of(children["RayService"])["applications"][0]["args"]["llm_configs"][0]
+    assert llm["model_loading_config"]["model_source"] == folder  # a path, not a bucket_uri
+    assert llm["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "1"
+
+
+def test_a_hub_source_is_fetched_at_its_revision_and_the_engine_reads_the_folder():
+    endpoint = _endpoint(
+        PREFETCH,
+        model={"source": "hf://meta-llama/Llama-3.1-8B-Instruct", "revision": "v2", "tokenSecretRef": {"name": "hf"}},
+        storageSecretRef=None,
+    )
+    children = _by_kind(build_children(endpoint, SETTINGS))
+    container = children["Job"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:3] == ["llmep", "fetch", "hf://meta-llama/Llama-3.1-8B-Instruct"]
+    assert container["command"][4:] == ["--revision", "v2"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    assert "envFrom" not in container
+    llm = _serve_config_of(children["RayService"])["applications"][0]["args"]["llm_configs"][0]
+    assert "revision" not in llm["engine_kwargs"]  # the folder holds that revision; no hub lookup
+
+
+def test_a_new_source_is_a_new_job_filling_a_folder_of_its_own():
+    first = _by_kind(build_children(_endpoint(PREFETCH), SETTINGS))["Job"]
+    other = _by_kind(build_children(_endpoint(PREFETCH, model={"source": "s3://models/other"}), SETTINGS))["Job"]
+    assert first["metadata"]["name"] != other["metadata"]["name"]
+    assert (
+        first["spec"]["template"]["spec"]["containers"][0]["command"][3]
+        != (other["spec"]["template"]["spec"]["containers"][0]["command"][3])
+    )
+
+
+def test_the_longest_endpoint_name_keeps_the_fill_pods_names_within_63():
+    manifest = load_fixture(PREFETCH)
+    manifest["metadata"]["name"] = "a" * 40  # the API's longest
+    job = _by_kind(build_children(parse_endpoint(manifest), SETTINGS))["Job"]
+    assert len(job["metadata"]["name"] + "-xxxxx") <= 63  # the Job controller's pod names
+
+
+def test_without_prefetch_there_is_no_job():
+    kinds = [c["kind"] for c in build_children(_endpoint(MINIMAL, cache={"enabled": True}), SETTINGS)]
+    assert "Job" not in kinds
