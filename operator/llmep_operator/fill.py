@@ -70,7 +70,8 @@ def _failure(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> str:
     """What the failed fill pod said (its termination message), else how it ended, else the Job's words."""
     ended = [t for pod in pods for s in _states(pod) if (t := s.get("terminated")) and t.get("exitCode")]
     for terminated in ended:
-        if (terminated.get("message") or "").strip():
+        # A killed pod's message is only its last log lines (FallbackToLogsOnError): progress.
+        if (terminated.get("message") or "").strip() and terminated.get("reason") != "OOMKilled":
             return str(terminated["message"]).strip()
     if ended:
         return f"the fill pod ended with {ended[0].get('reason', 'Error')} (exit code {ended[0]['exitCode']})"

@@ -102,7 +102,7 @@ def test_a_failed_fill_is_backend_failed_with_the_pods_termination_message_and_n
 
 
 def test_a_failed_fill_without_a_message_says_how_it_ended_or_what_the_job_says():
-    killed = {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
+    killed = {"terminated": {"exitCode": 137, "reason": "OOMKilled", "message": json.dumps(LINE)}}
     fill = observe(_job("Failed", "BackoffLimitExceeded"), [_fill_pod(state=killed)], None)
     assert fill.detail == "the fill pod ended with OOMKilled (exit code 137)"
     fill = observe(_job("Failed", "Job was active longer than specified deadline"), [], None)
