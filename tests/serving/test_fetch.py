@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from llmep_serving.fetch import FetchError, describe, fetch
+from llmep_operator.weights_fetch import FetchError, describe, fetch
 from tests.objectstore import ObjectStore, weed_binary
 
 BUCKET = "models"
@@ -116,3 +116,40 @@ def test_progress_reads_as_a_sentence():
 def test_unsupported_scheme_is_refused(tmp_path):
     with pytest.raises(FetchError, match=r"^file:// sources are not fetched into the cache: only s3:// and hf://$"):
         fetch("file:///models/x", tmp_path, out=io.StringIO())
+
+
+def test_the_fill_jobs_own_command_fills_the_cache(store, model, tmp_path):
+    """What the operator renders for cache.prefetch, run as the Job would (python -c, the serving
+    image's python being this one), with only the standard environment and the Secret's keys."""
+    from llmep_operator.api import parse_endpoint
+    from llmep_operator.render import build_children
+    from llmep_operator.settings import OperatorSettings
+
+    endpoint = parse_endpoint(
+        {
+            "apiVersion": "llmep.io/v1alpha1",
+            "kind": "LLMEndpoint",
+            "metadata": {"name": "tiny", "namespace": "team-a"},
+            "spec": {
+                "model": {"source": f"s3://{BUCKET}/org/tiny"},
+                "cache": {"enabled": True, "prefetch": True},
+                "storageSecretRef": {"name": "s3-credentials"},
+            },
+        }
+    )
+    job = next(c for c in build_children(endpoint, OperatorSettings(), owner_uid="u") if c["kind"] == "Job")
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:2] == ["python", "-c"]
+    secret = {**ObjectStore.CLIENT_ENV, "AWS_ENDPOINT_URL": store.endpoint_url}
+    result = subprocess.run(
+        [sys.executable, "-I", *command[1:4], str(tmp_path), "--every", "0.05"],
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), **secret},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    last = json.loads(result.stdout.splitlines()[-1])
+    assert last["phase"] == "done" and last["bytes"] == last["total"]
+    assert (tmp_path / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()

@@ -5,7 +5,9 @@ Regenerate the golden files after an intended change with `LLMEP_UPDATE_GOLDEN=1
 
 from __future__ import annotations
 
+import ast
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import yaml
 from llmep_operator.api import parse_endpoint
 from llmep_operator.errors import InvalidSpec
 from llmep_operator.render import build_children, build_rayservice, build_serve_config, make_plan
+from llmep_operator.render.fill_job import FETCH_PROGRAM
 from llmep_operator.settings import OperatorSettings
 from tests.conftest import FIXTURES, VALID_FIXTURES, load_fixture
 
@@ -219,8 +222,8 @@ def test_prefetch_fills_the_cache_with_a_job_before_the_rayservice():
     assert pod["automountServiceAccountToken"] is False
     assert pod["securityContext"]["runAsNonRoot"] is True
     (container,) = pod["containers"]
-    folder = container["command"][3]
-    assert container["command"] == ["llmep", "fetch", "s3://models/qwen2.5-7b-instruct", folder]
+    folder = container["command"][4]
+    assert container["command"] == ["python", "-c", FETCH_PROGRAM, "s3://models/qwen2.5-7b-instruct", folder]
     assert folder.startswith("/home/ray/.cache/huggingface/llmep-weights/")
     assert container["image"] == make_plan(_endpoint(PREFETCH), SETTINGS).image
     assert {"name": "weights-cache", "mountPath": "/home/ray/.cache/huggingface"} in container["volumeMounts"]
@@ -237,9 +240,22 @@ def test_prefetch_fills_the_cache_with_a_job_before_the_rayservice():
     assert container["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}
 
 
+def test_the_fill_program_needs_only_what_serving_images_have():
+    """The Job runs weights_fetch.py's text with the serving image's python: it may import the
+    standard library, boto3/botocore and huggingface_hub, never llmep itself."""
+    allowed = {*sys.stdlib_module_names, "boto3", "botocore", "huggingface_hub", "__future__"}
+    imported = set()
+    for node in ast.walk(ast.parse(FETCH_PROGRAM)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+    assert imported and imported <= allowed, imported - allowed
+
+
 def test_prefetched_replicas_read_the_filled_folder_offline():
     children = _by_kind(build_children(_endpoint(PREFETCH), SETTINGS))
-    folder = children["Job"]["spec"]["template"]["spec"]["containers"][0]["command"][3]
+    folder = children["Job"]["spec"]["template"]["spec"]["containers"][0]["command"][4]
     llm = _serve_config_of(children["RayService"])["applications"][0]["args"]["llm_configs"][0]
     assert llm["model_loading_config"]["model_source"] == folder  # a path, not a bucket_uri
     assert llm["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "1"
@@ -253,8 +269,8 @@ def test_a_hub_source_is_fetched_at_its_revision_and_the_engine_reads_the_folder
     )
     children = _by_kind(build_children(endpoint, SETTINGS))
     container = children["Job"]["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"][:3] == ["llmep", "fetch", "hf://meta-llama/Llama-3.1-8B-Instruct"]
-    assert container["command"][4:] == ["--revision", "v2"]
+    assert container["command"][:4] == ["python", "-c", FETCH_PROGRAM, "hf://meta-llama/Llama-3.1-8B-Instruct"]
+    assert container["command"][5:] == ["--revision", "v2"]
     env = {e["name"]: e for e in container["env"]}
     assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
     assert "envFrom" not in container

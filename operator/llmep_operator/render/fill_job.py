@@ -1,11 +1,14 @@
 """The cache-fill Job (cache.prefetch): `llmep fetch` copies the weights into the cache volume
-before the RayService exists, so replicas read them from there."""
+before the RayService exists, so replicas read them from there. The Job runs the program's text
+(`weights_fetch.py`, the standard library plus boto3 or huggingface_hub) with the serving
+image's python, which has both: no serving image needs llmep installed."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from llmep_operator import naming
+from llmep_operator import naming, weights_fetch
 from llmep_operator.render.plan import CACHE_MOUNT, CACHE_VOLUME, CacheFill, ServingPlan, cache_volume
 from llmep_operator.render.security import container_security_context, pod_security_context
 from llmep_operator.settings import OperatorSettings
@@ -15,6 +18,7 @@ FILL_RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory"
 # Tries of the fill pod: a transient store or network error gets two more.
 FILL_BACKOFF_LIMIT = 2
 FILL_CONTAINER = "fill"
+FETCH_PROGRAM = Path(weights_fetch.__file__).read_text()
 
 
 def fill_job(
@@ -22,7 +26,7 @@ def fill_job(
 ) -> dict[str, Any]:
     """The Job named in `metadata` (the children's labels and owner), filling `fill.folder`."""
     labels = {**metadata["labels"], naming.COMPONENT_LABEL: naming.FILL_COMPONENT}
-    command = ["llmep", "fetch", fill.source, fill.folder]
+    command = ["python", "-c", FETCH_PROGRAM, fill.source, fill.folder]
     if fill.revision:
         command += ["--revision", fill.revision]
     env = [

@@ -1,6 +1,9 @@
 """`llmep fetch`: copy a model's weights into a folder (the weight cache), showing progress.
 
-Runs as the operator's cache-fill step and by hand. Progress goes to stdout as one JSON line
+A program of its own (the standard library, plus boto3 or huggingface_hub when a source needs
+them): the cache-fill Job runs this file's text with `python -c` in the serving image, which
+has both (Ray's ray-llm images, llmep-serving-cpu), so no serving image needs llmep installed.
+Also `llmep fetch` by hand. Progress goes to stdout as one JSON line
 every few seconds (bytes, total, rate, ETA and a sentence for people); a failure says why in
 one line, on stderr and in the container's termination message, and exits 1. Files already in
 the folder with the right size are kept, so a fill that stopped goes on where it was.
@@ -19,8 +22,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
-
-from llmep_operator.api import SourceScheme, parse_source
 
 TERMINATION_LOG = "/dev/termination-log"
 GIB = 1024**3
@@ -195,7 +196,7 @@ def fetch(
     source: str, dest: Path, *, revision: str | None = None, out: TextIO = sys.stdout, every: float = 2.0
 ) -> None:
     """Copy `source` (s3://, hf://) into `dest`; raises FetchError with the reason."""
-    uri = parse_source(source)
+    scheme, _, location = source.partition("://")
     dest.mkdir(parents=True, exist_ok=True)
 
     def start(total: int) -> Progress:
@@ -209,12 +210,12 @@ def fetch(
         return Progress(dest, total, out, every)
 
     try:
-        if uri.scheme is SourceScheme.S3:
+        if scheme == "s3":
             _fetch_s3(source, dest, start)
-        elif uri.scheme is SourceScheme.HF:
-            _fetch_hf(uri.path, revision, dest, start)
+        elif scheme == "hf":
+            _fetch_hf(location.strip("/"), revision, dest, start)
         else:
-            raise FetchError(f"{uri.scheme.value}:// sources are not fetched into the cache: only s3:// and hf://")
+            raise FetchError(f"{scheme}:// sources are not fetched into the cache: only s3:// and hf://")
     except OSError as error:
         if error.errno == 28:  # ENOSPC
             raise FetchError("the cache volume is full: raise spec.cache.size") from None
@@ -232,13 +233,11 @@ def _say_why(message: str) -> None:
             pass
 
 
-def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = commands.add_parser("fetch", help="copy a model's weights (s3://, hf://) into a folder, showing progress")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="s3://BUCKET/PATH or hf://ORG/MODEL")
     parser.add_argument("dest", type=Path, help="folder to fill (kept files of the right size are not fetched again)")
     parser.add_argument("--revision", help="hub revision for hf:// sources")
     parser.add_argument("--every", type=float, default=2.0, help="seconds between progress lines (default 2)")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -248,3 +247,13 @@ def run(args: argparse.Namespace) -> int:
         _say_why(str(error))
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmep fetch", description="Copy a model's weights into a folder.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
