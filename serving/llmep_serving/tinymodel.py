@@ -340,6 +340,7 @@ def tiny_endpoint_manifest(
     autoscaling: dict[str, Any] | None = None,
     routing: dict[str, Any] | None = None,
     extra_args: dict[str, Any] | None = None,
+    lora: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The LLMEndpoint a user writes for the tiny model: the `cpu` profile adds what vLLM's CPU
     build needs (float32, eager mode, offline hub for a local path), so nothing else is set."""
@@ -354,6 +355,8 @@ def tiny_endpoint_manifest(
         spec["routing"] = dict(routing)
     if extra_args:
         spec["engine"]["extraArgs"] = dict(extra_args)
+    if lora:
+        spec["lora"] = dict(lora)
     from llmep_operator.api import API_VERSION, KIND
 
     return {

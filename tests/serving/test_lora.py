@@ -1,8 +1,8 @@
 """LoRA adapters from an object store, served by Ray Serve LLM and vLLM's CPU build.
 
 The tiny model's generated adapter (``ensure_tiny_lora``) is uploaded to the tests' S3 store
-(SeaweedFS on loopback) under ``s3://BUCKET/adapters/<name>/``; the tiny endpoint's app gets
-a ``lora_config`` whose dynamic loading path is that folder, and its Ray processes get the
+(SeaweedFS on loopback) under ``s3://BUCKET/adapters/<name>/``; the tiny endpoint, with
+``spec.lora.source`` that folder, is rendered by the operator's code, and its Ray processes get the
 store's address and keys as AWS environment (boto3, which Ray Serve LLM reads S3 with, honours
 ``AWS_ENDPOINT_URL``). Both serving paths run: direct (HAProxy to vLLM's own HTTP app, as
 shipped) and proxy (Serve's proxy and OpenAI ingress). A request for ``<served>:<adapter>``
@@ -11,9 +11,7 @@ makes the replica download the adapter and load it into the engine.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
-from typing import Any
 
 import openai
 import pytest
@@ -33,19 +31,6 @@ MAX_ADAPTERS = 2
 PROMPT = "Ray Serve scales"
 
 
-def with_lora(application: dict[str, Any], source: str) -> dict[str, Any]:
-    """The app with the LoRA settings the operator renders for spec.lora (source, maxRank,
-    maxAdaptersPerReplica)."""
-    app = copy.deepcopy(application)
-    llm_config = app["args"]["llm_configs"][0]
-    llm_config["lora_config"] = {
-        "dynamic_lora_loading_path": source.rstrip("/"),
-        "max_num_adapters_per_replica": MAX_ADAPTERS,
-    }
-    llm_config["engine_kwargs"].update(enable_lora=True, max_lora_rank=LORA_RANK, max_loras=MAX_ADAPTERS)
-    return app
-
-
 @pytest.fixture(scope="module")
 def adapter_source(object_store: ObjectStore) -> str:
     object_store.create_bucket(BUCKET)
@@ -57,15 +42,25 @@ def adapter_source(object_store: ObjectStore) -> str:
 def lora_served(request, tiny_model_dir, object_store: ObjectStore, adapter_source: str) -> Iterator[LocalServe]:
     """The tiny model with LoRA on one serving path, one replica."""
     rendered = tiny_ray_app(
-        tiny_model_dir, OperatorSettings(serving_path=request.param), name=SERVED_NAME, namespace="serving-tests"
+        tiny_model_dir,
+        OperatorSettings(serving_path=request.param),
+        name=SERVED_NAME,
+        namespace="serving-tests",
+        lora={
+            "source": adapter_source,
+            "adapters": [{"name": ADAPTER}],
+            "maxAdaptersPerReplica": MAX_ADAPTERS,
+            "maxRank": LORA_RANK,
+        },
     )
     env = {**ENGINE_ENV, **rendered.env, "AWS_ENDPOINT_URL": object_store.endpoint_url, **ObjectStore.CLIENT_ENV}
     if request.param == "direct":
         # Ray Serve LLM refuses LoRA with direct streaming unless HAProxy hands the body (the
-        # model name) to the router: "LoRA multiplexing with direct streaming requires ...=1".
+        # model name) to the router ("LoRA multiplexing with direct streaming requires ...=1");
+        # the operator renders it only for body-aware routing policies so far.
         env[FORWARD_BODY_ENV] = "1"
     with LocalServe(
-        with_lora(rendered.application, adapter_source),
+        rendered.application,
         port=free_loopback_port(),
         # One replica: its actor and its engine's bundle; the router or ingress takes none.
         num_cpus=3,
