@@ -103,3 +103,14 @@ def test_unknown_routing_policy_is_refused_naming_the_field_and_the_choices():
 def test_bad_serving_settings_are_refused(field, value):
     with pytest.raises(ValidationError, match=field):
         OperatorSettings(**{field: value})
+
+
+@pytest.mark.parametrize("serving_path", ["direct", "proxy"])
+def test_lora_on_the_direct_path_forwards_the_body_to_rays_router(serving_path):
+    """Ray refuses LoRA under direct streaming unless HAProxy hands the router the body, where
+    the adapter is named (`model`): "LoRA multiplexing with direct streaming requires
+    RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1"."""
+    lora = {"source": "s3://models/adapters", "adapters": [{"name": "sql"}]}
+    rayservice = build_rayservice(_endpoint(lora=lora), OperatorSettings(serving_path=serving_path))
+    forwarded = {_env(c).get("RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY") for c in _ray_containers(rayservice)}
+    assert forwarded == ({"1"} if serving_path == "direct" else {None})

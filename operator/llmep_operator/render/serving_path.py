@@ -19,7 +19,8 @@ DIRECT_PATH_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
 }
 HAPROXY_THREADS_ENV = "RAY_SERVE_HAPROXY_NBTHREAD"
-# Body-aware routers (prefix affinity) need the prompt, which HAProxy then hands to the router.
+# Body-aware routers (prefix affinity) need the prompt, and LoRA routing the adapter named in
+# `model`: HAProxy then hands the body to the router (Ray refuses LoRA on the direct path without).
 FORWARD_BODY_ENV = "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"
 
 
@@ -32,6 +33,6 @@ def ray_process_env(endpoint: LLMEndpoint, settings: OperatorSettings) -> dict[s
     if not is_direct(settings):
         return {}
     env = {**DIRECT_PATH_ENV, HAPROXY_THREADS_ENV: str(settings.haproxy_threads)}
-    if endpoint.spec.routing.policy != RoutingPolicy.LEAST_LOADED:
+    if endpoint.spec.routing.policy != RoutingPolicy.LEAST_LOADED or endpoint.spec.lora is not None:
         env[FORWARD_BODY_ENV] = "1"
     return env
