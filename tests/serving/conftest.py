@@ -97,3 +97,12 @@ def object_store() -> Iterator[ObjectStore]:
         pytest.skip("no SeaweedFS binary: run `hack/local-cluster build weed` (make setup builds it)")
     with ObjectStore() as store:
         yield store
+
+
+# -- modules with their own Ray (the LoRA tests): before anything starts `served` --------------
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules that set ``OWN_RAY = True`` start and stop a local Ray of their own, and a process
+    holds one Ray at a time: they run first, since `served` keeps its Ray until the session ends."""
+    items.sort(key=lambda item: not getattr(getattr(item, "module", None), "OWN_RAY", False))

@@ -24,6 +24,9 @@ from tests.objectstore import ObjectStore
 from tests.serving.conftest import ENGINE_ENV, SERVED_NAME, free_loopback_port
 
 pytestmark = pytest.mark.timeout(900)
+# Each serving path gets a Ray of its own (its switches are Ray processes' environment): these
+# tests run before the tier's shared `served` app starts (conftest).
+OWN_RAY = True
 
 BUCKET = "lora"
 ADAPTER = "demo"
@@ -41,6 +44,11 @@ def adapter_source(object_store: ObjectStore) -> str:
 @pytest.fixture(scope="module", params=["direct", "proxy"])
 def lora_served(request, tiny_model_dir, object_store: ObjectStore, adapter_source: str) -> Iterator[LocalServe]:
     """The tiny model with LoRA on one serving path, one replica."""
+    import ray
+
+    if ray.is_initialized():
+        # LocalServe would deploy into that Ray, whose processes lack this path's environment.
+        pytest.fail("Ray already runs in this process: the LoRA tests need their own", pytrace=False)
     rendered = tiny_ray_app(
         tiny_model_dir,
         OperatorSettings(serving_path=request.param),
