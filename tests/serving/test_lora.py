@@ -16,7 +16,6 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from llmep_operator.render.serving_path import FORWARD_BODY_ENV
 from llmep_operator.settings import OperatorSettings
 from llmep_serving.local import LocalServe
 from llmep_serving.tinymodel import LORA_RANK, ensure_tiny_lora, tiny_ray_app
@@ -62,11 +61,6 @@ def lora_served(request, tiny_model_dir, object_store: ObjectStore, adapter_sour
         },
     )
     env = {**ENGINE_ENV, **rendered.env, "AWS_ENDPOINT_URL": object_store.endpoint_url, **ObjectStore.CLIENT_ENV}
-    if request.param == "direct":
-        # Ray Serve LLM refuses LoRA with direct streaming unless HAProxy hands the body (the
-        # model name) to the router ("LoRA multiplexing with direct streaming requires ...=1");
-        # the operator renders it only for body-aware routing policies so far.
-        env[FORWARD_BODY_ENV] = "1"
     with LocalServe(
         rendered.application,
         port=free_loopback_port(),
