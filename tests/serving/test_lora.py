@@ -11,8 +11,13 @@ makes the replica download the adapter and load it into the engine.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
+import httpx
 import openai
 import pytest
 
@@ -110,3 +115,62 @@ def test_adapter_changes_the_answer(lora_served: LocalServe, lora_client: openai
 def test_unknown_adapter_is_not_found(lora_client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError):
         complete(lora_client, f"{SERVED_NAME}:missing")
+
+
+ADAPTER_KEY, ALL_KEY = "sk-test-adapter-only", "sk-test-every-model"
+
+
+@pytest.fixture(scope="module")
+def gateway(lora_served: LocalServe, tmp_path_factory) -> Iterator[str]:
+    """`llmep gateway` in local mode in front of the LoRA app, as a user runs it: the routes file
+    names the adapter, one key may call only the adapter, another every model."""
+    folder = tmp_path_factory.mktemp("gateway")
+    routes, keys = folder / "routes.json", folder / "keys.json"
+    routes.write_text(
+        json.dumps([{"models": [SERVED_NAME], "adapters": [ADAPTER], "url": lora_served.base_url, "ready": True}])
+    )
+    keys.write_text(
+        json.dumps([{"name": "adapter-only", "key": ADAPTER_KEY, "models": [ADAPTER]}, {"name": "all", "key": ALL_KEY}])
+    )
+    port = free_loopback_port()
+    command = [sys.executable, "-m", "llmep_serving.cli", "gateway", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--routes-file", str(routes), "--keys-file", str(keys)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    root = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(f"{root}/readyz"):
+            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+            assert time.monotonic() < deadline, "the gateway did not come up in 60 s"
+            time.sleep(0.2)
+        yield f"{root}/v1"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_through_the_gateway_the_adapter_is_listed_called_and_scoped(gateway: str, lora_client: openai.OpenAI) -> None:
+    every = openai.OpenAI(base_url=gateway, api_key=ALL_KEY, max_retries=0, timeout=120)
+    cards = httpx.get(f"{gateway}/models", headers={"Authorization": f"Bearer {ALL_KEY}"}, timeout=10).json()["data"]
+    assert {c["id"]: c.get("parent") for c in cards} == {SERVED_NAME: None, ADAPTER: SERVED_NAME}
+
+    # The bare adapter name answers as the engine's own '<base>:<adapter>' does.
+    adapted = complete(lora_client, f"{SERVED_NAME}:{ADAPTER}")
+    out = every.completions.create(model=ADAPTER, prompt=PROMPT, max_tokens=16, temperature=0, seed=0)
+    assert out.choices[0].text == adapted
+    assert complete(every, SERVED_NAME) == complete(lora_client, SERVED_NAME)
+
+    scoped = openai.OpenAI(base_url=gateway, api_key=ADAPTER_KEY, max_retries=0, timeout=120)
+    reply = scoped.completions.create(model=ADAPTER, prompt=PROMPT, max_tokens=16, temperature=0, seed=0)
+    assert reply.choices[0].text == adapted
+    with pytest.raises(openai.NotFoundError) as refused:
+        scoped.completions.create(model=SERVED_NAME, prompt=PROMPT, max_tokens=4)
+    assert refused.value.code == "model_not_found"
+    assert [m.id for m in scoped.models.list().data] == [ADAPTER]
