@@ -1,7 +1,7 @@
 """cache.prefetch on the rig (real API server, Job and PV controllers, kwok), the operator running
 as the chart's ServiceAccount:
 
-- the fill Job comes first, running `llmep fetch` into the cache volume, and no RayService
+- the fill Job comes first, running `llmep fetch`'s program into the cache volume, and no RayService
   exists while it has not succeeded; status says DownloadingWeights meanwhile;
 - once the cache claim can bind (a PersistentVolume appears), kwok runs the fill pod to
   completion, the Job controller marks the Job Complete, and the RayService follows;
@@ -20,6 +20,7 @@ from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
 from llmep_operator.api import GROUP, PLURAL, VERSION
+from llmep_operator.render.fill_job import FETCH_PROGRAM
 from tests.cluster.conftest import wait_until
 
 pytestmark = pytest.mark.cluster
@@ -116,8 +117,9 @@ def test_the_rayservice_follows_the_fill_jobs_success(cluster, namespace, operat
         cluster.apply(_endpoint("prefetched", storage_class), namespace)
         job = _fill_job(batch, namespace, "prefetched")
         (container,) = job.spec.template.spec.containers
-        assert container.command[:3] == ["llmep", "fetch", SOURCE]
-        assert container.command[3].startswith(WEIGHTS_ROOT) and len(container.command) == 4
+        # llmep fetch's program, run by the serving image's python (no llmep needed there).
+        assert container.command[:4] == ["python", "-c", FETCH_PROGRAM, SOURCE]
+        assert container.command[4].startswith(WEIGHTS_ROOT) and len(container.command) == 5
         assert container.env_from[0].secret_ref.name == "s3-credentials"
 
         # The claim cannot bind, so the fill pod waits: the endpoint says so, and no RayService exists.

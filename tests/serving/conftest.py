@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -90,9 +91,10 @@ def client(served) -> openai.OpenAI:
 # -- object store (s3:// sources: LoRA adapters) -------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def object_store() -> Iterator[ObjectStore]:
-    """A SeaweedFS S3 store on loopback for the tier; skipped when the rig has not built weed."""
+    """A SeaweedFS S3 store on loopback for one module (started in ~11 s; a store kept for the
+    whole session sat idle through the other tiers); skipped when the rig has not built weed."""
     if weed_binary() is None:
         pytest.skip("no SeaweedFS binary: run `hack/local-cluster build weed` (make setup builds it)")
     with ObjectStore() as store:
@@ -104,5 +106,12 @@ def object_store() -> Iterator[ObjectStore]:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules that set ``OWN_RAY = True`` start and stop a local Ray of their own, and a process
-    holds one Ray at a time: they run first, since `served` keeps its Ray until the session ends."""
-    items.sort(key=lambda item: not getattr(getattr(item, "module", None), "OWN_RAY", False))
+    holds one Ray at a time: they run first in this tier, since `served` keeps its Ray until the
+    session ends. Only this tier's places in the run are reordered."""
+    here = Path(__file__).parent
+    places = [i for i, item in enumerate(items) if Path(str(item.fspath)).is_relative_to(here)]
+    ordered = sorted(
+        (items[i] for i in places), key=lambda item: not getattr(getattr(item, "module", None), "OWN_RAY", False)
+    )
+    for place, item in zip(places, ordered, strict=True):
+        items[place] = item
