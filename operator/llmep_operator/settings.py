@@ -276,6 +276,13 @@ class OperatorSettings(BaseSettings):
     autoscaler_memory: str = Field(
         default="512Mi", description="Memory of the Ray autoscaler sidecar in the head pod."
     )
+    fill_cpu: str = Field(
+        default="1",
+        description=(
+            "CPU request of the cache-fill Job's pod (cache.prefetch; it has no CPU limit, so a copy"
+            " still uses idle cores). Lower it on a small node (kind, a laptop)."
+        ),
+    )
     cpu_limits: bool = Field(
         default=True,
         description=(

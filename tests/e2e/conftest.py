@@ -8,6 +8,7 @@ Set LLMEP_KEEP_KIND=1 to keep the cluster after the run (and reuse it on the nex
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from tests.e2e.kind import (
     kind_binary,
     kubectl_binary,
     kuberay_manifests,
+    node_address,
     run_step,
 )
 from tests.helm import CHART, helm
@@ -153,3 +155,11 @@ def tiny_endpoint(kind_cluster: KindCluster, llmep_release: str, model_volume: s
     """examples/tiny-cpu.yaml applied with kubectl; returns the endpoint's name."""
     kind_cluster.kubectl("apply", "-n", APP_NAMESPACE, "-f", str(EXAMPLES / "tiny-cpu.yaml"))
     return "tiny"
+
+
+@pytest.fixture(scope="module")
+def gateway_url(kind_cluster: KindCluster, llmep_release: str) -> str:
+    """The gateway's Service as a host reaches it: its NodePort on the kind node's address
+    (charts/llmep/ci/values-kind.yaml), so no port-forward is tied to one gateway pod."""
+    service = json.loads(kind_cluster.kubectl("get", "service", "llmep-gateway", "-n", llmep_release, "-o", "json"))
+    return f"http://{node_address(kind_cluster)}:{service['spec']['ports'][0]['nodePort']}/v1"

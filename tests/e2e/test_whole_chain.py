@@ -6,9 +6,6 @@ with keys made by the `llmep` CLI."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,23 +14,12 @@ import httpx
 import pytest
 from pytest_kind import KindCluster
 
-from tests.e2e.kind import wait_for
+from tests.e2e.kind import llmep_cli, ready_condition, wait_for
 from tests.helm import helm
 
 pytestmark = [pytest.mark.timeout(3600)]
 
 APP_NAMESPACE = "default"
-LLMEP = Path(sys.executable).parent / "llmep"
-
-
-def llmep_cli(cluster: KindCluster, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig_path)}
-    return subprocess.run([str(LLMEP), *args], capture_output=True, text=True, env=env, timeout=120)
-
-
-def ready_condition(cluster: KindCluster, name: str) -> dict:
-    obj = json.loads(cluster.kubectl("get", "llmendpoint", name, "-n", APP_NAMESPACE, "-o", "json"))
-    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == "Ready"), {})
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +30,6 @@ def ready_endpoint(kind_cluster: KindCluster, tiny_endpoint: str) -> dict:
     )
     print(f"\n[e2e] {tiny_endpoint} Ready after {time.monotonic() - t0:.0f}s (kubectl wait)")
     return json.loads(kind_cluster.kubectl("get", "llmendpoint", tiny_endpoint, "-n", APP_NAMESPACE, "-o", "json"))
-
-
-@pytest.fixture(scope="module")
-def gateway_url(kind_cluster: KindCluster, llmep_release: str) -> str:
-    """The gateway's Service as a host reaches it: its NodePort on the kind node's address
-    (charts/llmep/ci/values-kind.yaml), so no port-forward is tied to one gateway pod."""
-    node = json.loads(kind_cluster.kubectl("get", "nodes", "-o", "json"))["items"][0]
-    address = next(a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP")
-    service = json.loads(kind_cluster.kubectl("get", "service", "llmep-gateway", "-n", llmep_release, "-o", "json"))
-    return f"http://{address}:{service['spec']['ports'][0]['nodePort']}/v1"
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from llmep_operator.render.plan import CACHE_MOUNT, CACHE_VOLUME, CacheFill, Ser
 from llmep_operator.render.security import container_security_context, pod_security_context
 from llmep_operator.settings import OperatorSettings
 
-# A copy moves bytes; it needs no more than this, whatever the model's size.
-FILL_RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}
+# A copy moves bytes; it needs no more memory than this, whatever the model's size.
+FILL_MEMORY = "2Gi"
 # Tries of the fill pod: a transient store or network error gets two more.
 FILL_BACKOFF_LIMIT = 2
 FILL_CONTAINER = "fill"
@@ -40,7 +40,10 @@ def fill_job(
         "image": plan.image,
         "command": command,
         "env": env,
-        "resources": FILL_RESOURCES,
+        "resources": {
+            "requests": {"cpu": settings.fill_cpu, "memory": FILL_MEMORY},
+            "limits": {"memory": FILL_MEMORY},
+        },
         "securityContext": container_security_context(),
         # fetch writes why it failed there; a crash without a message leaves its last log lines.
         "terminationMessagePolicy": "FallbackToLogsOnError",
