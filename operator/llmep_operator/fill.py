@@ -90,5 +90,8 @@ def observe(job: dict[str, Any] | None, pods: list[dict[str, Any]], log_tail: st
     if job is None:
         return Fill(state, "creating the fill Job")
     if running_pod(pods) is None:
+        if any(t.get("exitCode") == 0 for pod in pods for s in _states(pod) if (t := s.get("terminated"))):
+            # The copy ended well; the Job controller has not marked the Job Complete yet.
+            return Fill(state, "copied; the fill Job is completing")
         return Fill(state, _waiting(pods))
     return Fill(state, (log_tail and progress(log_tail)) or "started; no progress reported yet")

@@ -147,7 +147,8 @@ class Kube:
     def pod_log_tail(self, namespace: str, pod: str, lines: int = 2) -> str:
         """The last `lines` lines of the pod's (only) container's log."""
         path = f"/api/v1/namespaces/{namespace}/pods/{pod}/log"
-        data = self._call("GET", path, query=[("tailLines", str(lines))], accept="text/plain", answer="bytearray")
+        # Logs are text/plain, yet the API server (1.37 here) answers 406 to an Accept of only that.
+        data = self._call("GET", path, query=[("tailLines", str(lines))], accept="*/*", answer="bytearray")
         return bytes(data).decode("utf-8", errors="replace")
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any], resource_version: str) -> None:

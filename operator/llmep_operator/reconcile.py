@@ -233,7 +233,7 @@ class Reconciler:
             try:
                 tail = self.kube.pod_log_tail(namespace, running, lines=2)
             except ApiException as error:  # progress is a courtesy: status still says it downloads
-                log.debug("no log of fill pod %s/%s: %s", namespace, running, error.reason)
+                log.warning("no log of fill pod %s/%s: %s %s", namespace, running, error.status, error.reason)
         return fill.observe(job, own, tail)
 
     def _apply(self, child: dict[str, Any]) -> dict[str, Any]:

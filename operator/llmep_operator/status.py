@@ -99,6 +99,11 @@ def _pod_ready(pod: dict[str, Any]) -> bool:
     return is_true(pod.get("status"), "Ready")
 
 
+def _pod_running(pod: dict[str, Any]) -> bool:
+    """Its containers have started (a Ray worker is Ready only once a Serve replica runs on it)."""
+    return _pod_ready(pod) or (pod.get("status") or {}).get("phase") == "Running"
+
+
 def unschedulable_reason(pods: list[dict[str, Any]]) -> str | None:
     """The scheduler's own words for the first pod it could not place."""
     for pod in pods:
@@ -118,8 +123,14 @@ def replica_counts(obs: Observation) -> tuple[int, int]:
 
 
 def _app_status(rayservice: dict[str, Any]) -> tuple[str, str]:
-    active = (rayservice.get("status") or {}).get("activeServiceStatus") or {}
-    app = (active.get("applicationStatuses") or {}).get(naming.APP_NAME) or {}
+    """The Serve application's status and message: the serving cluster's, else (a first deploy,
+    which KubeRay reports as pending until it serves) the pending cluster's."""
+    status = rayservice.get("status") or {}
+    apps = [
+        (status.get(side) or {}).get("applicationStatuses") or {}
+        for side in ("activeServiceStatus", "pendingServiceStatus")
+    ]
+    app = next((found for found in (a.get(naming.APP_NAME) for a in apps) if found), {})
     message = app.get("message", "")
     for name, deployment in (app.get("serveDeploymentStatuses") or {}).items():
         if deployment.get("message") and not message:
@@ -188,7 +199,7 @@ def _judge_cluster(obs: Observation) -> Verdict:
     if pending:
         return _on_the_way(Reason.WAITING_FOR_GPU_NODE, pending)
     workers = [p for p in obs.pods if _is_worker(p)]
-    if workers and all(_pod_ready(p) for p in workers):
+    if workers and all(_pod_running(p) for p in workers):
         return _on_the_way(Reason.LOADING_MODEL, app_message or "workers are up; Ray Serve is loading the model")
     message = app_message or (
         f"Ray Serve application is {app_status}" if app_status else "waiting for the Ray cluster to start"

@@ -90,6 +90,12 @@ def test_a_fill_pod_that_cannot_start_says_why():
     assert "cannot be scheduled: unbound PVC" in fill.detail
 
 
+def test_a_fill_pod_that_copied_before_its_job_is_complete_says_so_not_starting():
+    ended = {"terminated": {"exitCode": 0, "reason": "Completed"}}
+    fill = observe(_job(), [_fill_pod(state=ended)], None)
+    assert (fill.state, fill.detail) == (FillState.RUNNING, "copied; the fill Job is completing")
+
+
 def test_a_failed_fill_is_backend_failed_with_the_pods_termination_message_and_no_more_looks():
     ended = {"terminated": {"exitCode": 1, "reason": "Error", "message": FAILED}}
     fill = observe(_job("Failed", "Job has reached the specified backoff limit"), [_fill_pod(state=ended)], None)

@@ -16,7 +16,7 @@ from tests.conftest import REPO_ROOT
 
 DOCKERFILES = sorted((REPO_ROOT / "images").glob("*/Dockerfile"))
 # Built from a folder holding the binary of the rig's build, not from the repository root.
-BINARY_CONTEXT = {"kuberay-operator"}
+BINARY_CONTEXT = {"kuberay-operator", "seaweedfs"}
 RUNTIME_LOCK = REPO_ROOT / "requirements" / "runtime.lock"
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!_-]+)$")
 
@@ -46,7 +46,7 @@ def pins(path: Path) -> dict[str, str]:
 
 
 def test_every_image_has_a_dockerfile():
-    assert {p.parent.name for p in DOCKERFILES} == {"llmep", "serving-cpu", "kuberay-operator"}
+    assert {p.parent.name for p in DOCKERFILES} == {"llmep", "serving-cpu", "kuberay-operator", "seaweedfs"}
 
 
 def build_args(dockerfile: Path) -> dict[str, str]:

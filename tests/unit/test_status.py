@@ -102,6 +102,22 @@ def test_workers_up_but_app_not_running_is_loading_model():
     assert (verdict.ready, verdict.reason.value) == (False, "LoadingModel")
 
 
+def test_workers_started_but_not_ready_are_loading_model_with_the_pending_apps_message():
+    """A Ray worker is Ready only once a Serve replica runs on it, so 'started' is the signal
+    that the model loads; a first deploy's app status is under pendingServiceStatus."""
+    worker = _pod("w1", ready=False)
+    worker["status"]["phase"] = "Running"
+    rayservice = _rayservice()
+    rayservice["status"]["pendingServiceStatus"] = {
+        "applicationStatuses": {"llm": {"status": "DEPLOYING", "message": "Deploying app 'llm'."}}
+    }
+    verdict = judge(_obs(rayservice=rayservice, pods=[_pod("head", "head", True), worker]))
+    assert (verdict.ready, verdict.reason.value, verdict.message) == (False, "LoadingModel", "Deploying app 'llm'.")
+    worker["status"]["phase"] = "Pending"  # its image is still being pulled
+    verdict = judge(_obs(rayservice=rayservice, pods=[_pod("head", "head", True), worker]))
+    assert (verdict.reason.value, verdict.message) == ("Deploying", "Deploying app 'llm'.")
+
+
 def test_invalid_spec_sets_all_three_conditions_and_no_url():
     status = build_status(_obs(invalid="spec.resources.profile 'x' is not a profile"), None, T0)
     assert _cond(status, "Ready")["reason"] == "InvalidSpec"
