@@ -58,12 +58,15 @@ def whole(kept: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A pod as status needs it: its name, labels, deletion, conditions and its containers' states
-    (why one waits, or the message it ended with: a fill pod's failure), not its spec."""
+    """A pod as status needs it: its name, labels, deletion, phase (a started Ray worker is loading
+    the model), conditions and its containers' states (why one waits, or the message it ended
+    with: a fill pod's failure), not its spec."""
     meta = body.get("metadata") or {}
     kept_meta = {key: meta[key] for key in ("name", "labels", "deletionTimestamp") if key in meta}
     status = body.get("status") or {}
     kept_status: dict[str, Any] = {"conditions": status.get("conditions") or []}
+    if status.get("phase"):
+        kept_status["phase"] = status["phase"]
     if status.get("containerStatuses"):
         kept_status["containerStatuses"] = [
             {"name": c.get("name"), "state": c.get("state") or {}} for c in status["containerStatuses"]

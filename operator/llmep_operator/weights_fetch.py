@@ -18,6 +18,7 @@ import shutil
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ from typing import Any, TextIO
 TERMINATION_LOG = "/dev/termination-log"
 GIB = 1024**3
 MIB = 1024**2
+# The rate and ETA are over the last seconds, not since the start: a burst at the start (a
+# token bucket, a warm connection) or a stall would otherwise skew them for the whole copy.
+RATE_WINDOW_SECONDS = 10.0
 
 
 class FetchError(Exception):
@@ -68,8 +72,8 @@ class Progress:
         self.dest, self.total, self.out, self.every = dest, total, out, every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fetch-progress", daemon=True)
-        self._start_bytes = _on_disk(dest)
-        self._started = time.monotonic()
+        # (time, bytes) samples of the last RATE_WINDOW_SECONDS, oldest first.
+        self._samples = deque([(time.monotonic(), _on_disk(dest))])
 
     def __enter__(self) -> Progress:
         self._thread.start()
@@ -81,8 +85,7 @@ class Progress:
 
     def report(self, phase: str) -> None:
         done = min(_on_disk(self.dest), self.total) if self.total else _on_disk(self.dest)
-        elapsed = max(time.monotonic() - self._started, 1e-6)
-        rate = max(done - self._start_bytes, 0) / elapsed
+        rate = self._rate(time.monotonic(), done)
         left = (self.total - done) / rate if rate > 0 and self.total > done else None
         line = {
             "phase": phase,
@@ -94,6 +97,14 @@ class Progress:
         }
         self.out.write(json.dumps(line) + "\n")
         self.out.flush()
+
+    def _rate(self, now: float, done: int) -> float:
+        """Bytes per second over the window's samples, this one included."""
+        while len(self._samples) > 1 and now - self._samples[1][0] >= RATE_WINDOW_SECONDS:
+            self._samples.popleft()
+        since, then = self._samples[0]
+        self._samples.append((now, done))
+        return max(done - then, 0) / max(now - since, 1e-6)
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):

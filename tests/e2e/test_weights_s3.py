@@ -256,10 +256,13 @@ def test_a_bucket_that_does_not_exist_fails_naming_it(kind_cluster: KindCluster,
     kind_cluster.kubectl("delete", "llmendpoint", WRONG_BUCKET_ENDPOINT, "-n", NAMESPACE, "--wait=true")
 
 
+DOWNLOADING = re.compile(r"^downloading weights into the cache: (\d+\.\d) of (\d+\.\d) GiB(, \d+ MiB/s)?")
+
+
 @pytest.fixture(scope="module")
 def ready_history(kind_cluster: KindCluster, store: Store) -> dict:
     """Apply the endpoint and record each (status, reason, message) of its Ready condition until
-    it is True, and `llmep status` once while weights download."""
+    it is True, and `llmep status` once while the download reports its progress."""
     kind_cluster.kubectl("apply", "-f", "-", input=endpoint_manifest(ENDPOINT, f"s3://{BUCKET}/{PREFIX}"))
     t0 = time.monotonic()
     seen: list[tuple[str, str, str, float]] = []
@@ -272,13 +275,10 @@ def ready_history(kind_cluster: KindCluster, store: Store) -> dict:
         if ready and (not seen or seen[-1][:3] != state):
             seen.append((*state, round(time.monotonic() - t0, 1)))
             print(f"[e2e] {seen[-1][3]:6.1f}s Ready={state[0]} {state[1]}: {state[2]}")
-            if state[1] == "DownloadingWeights" and not cli_during_download:
+            if DOWNLOADING.match(state[2]) and not cli_during_download:
                 cli_during_download = llmep_cli(kind_cluster, "status", "-n", NAMESPACE).stdout
         time.sleep(0.5)
     return {"seen": seen, "cli": cli_during_download}
-
-
-DOWNLOADING = re.compile(r"^downloading weights into the cache: (\d+\.\d) of (\d+\.\d) GiB(, \d+ MiB/s)?")
 
 
 def test_s3_weights_show_a_moving_byte_count_then_load_then_serve(

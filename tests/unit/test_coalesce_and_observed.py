@@ -163,7 +163,7 @@ def test_memory_keeps_what_the_reconciler_reads_and_drops_managed_fields():
     body = {
         "metadata": {"name": "p", "uid": "u", "managedFields": [{"manager": "kubelet"}], "labels": {"a": "b"}},
         "spec": {"containers": [{"name": "ray"}]},
-        "status": {"conditions": [{"type": "Ready", "status": "True"}], "podIP": "10.0.0.1"},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}], "podIP": "10.0.0.1", "phase": "Running"},
     }
     kept = slim(body)
     assert isinstance(kept["bodyJSON"], str)
@@ -174,7 +174,7 @@ def test_memory_keeps_what_the_reconciler_reads_and_drops_managed_fields():
     }
     assert slim_pod(body) == {
         "metadata": {"name": "p", "labels": {"a": "b"}},
-        "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}], "phase": "Running"},
     }
 
 
