@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
+import re
 import secrets
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -17,6 +20,26 @@ from llmep_serving.gateway.auth import KEY_LABEL
 
 KEY_PREFIX = "sk-llmep-"
 console = Console()
+
+# A key's limits: (Secret data field the gateway reads, flag of `keys create`, what it counts, example).
+LIMITS = (
+    ("rpm", "--rpm", "requests per minute", "60"),
+    ("tpm", "--tpm", "tokens per minute", "20000"),
+    ("tokens_per_day", "--max-tokens-per-day", "tokens per day", "1000000"),
+)
+PRIORITIES = ("high", "normal", "low")
+
+
+def _limit_type(flag: str, unit: str, example: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"[0-9]+", text) or int(text) < 1:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a whole number of at least 1: give the {unit}, e.g. {flag} {example},"
+                f" or leave {flag} out for no limit"
+            )
+        return int(text)
+
+    return parse
 
 
 def _clients() -> tuple[Any, Any]:
@@ -85,6 +108,10 @@ def keys_create(args: argparse.Namespace) -> int:
     data = {"sha256": hashlib.sha256(key.encode()).hexdigest()}
     if args.models:
         data["models"] = args.models
+    limits = {field: getattr(args, field) for field, *_ in LIMITS if getattr(args, field) is not None}
+    data.update({field: str(value) for field, value in limits.items()})
+    if args.priority:
+        data["priority"] = args.priority
     body = client.V1Secret(
         metadata=client.V1ObjectMeta(
             name=args.name, labels={KEY_LABEL: "true", "app.kubernetes.io/managed-by": "llmep"}
@@ -100,6 +127,10 @@ def keys_create(args: argparse.Namespace) -> int:
         return 1
     scope = f"models {args.models}" if args.models else "every model"
     print(f"created key {args.name!r} in namespace {args.namespace} for {scope}.", file=sys.stderr)
+    terms = [f"{limits[field]} {unit}" for field, _, unit, _ in LIMITS if field in limits]
+    terms += [f"priority {args.priority}"] if args.priority else []
+    if terms:
+        print(f"limits: {', '.join(terms)}.", file=sys.stderr)
     print("It is shown once and stored only as a SHA-256 hash:", file=sys.stderr)
     print(key)
     return 0
@@ -124,19 +155,25 @@ def keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def keys_list(args: argparse.Namespace) -> int:
-    import base64
+def _field(secret: Any, name: str) -> str | None:
+    value = (secret.data or {}).get(name)
+    return base64.b64decode(value).decode() if value else None
 
+
+def keys_list(args: argparse.Namespace) -> int:
     core, _ = _clients()
     secrets_ = core.list_namespaced_secret(args.namespace, label_selector=KEY_LABEL).items
-    table = Table(title=f"API keys in {args.namespace}")
-    for column in ("name", "models", "created"):
+    table = Table(
+        title=f"API keys in {args.namespace}", caption="-: not set (no limit; the gateway's default priority)"
+    )
+    for column in ("name", "models", "requests/min", "tokens/min", "tokens/day", "priority", "created"):
         table.add_column(column)
     for item in secrets_:
-        models = (item.data or {}).get("models")
         table.add_row(
             item.metadata.name,
-            base64.b64decode(models).decode() if models else "(all)",
+            _field(item, "models") or "(all)",
+            *(_field(item, field) or "-" for field, *_ in LIMITS),
+            _field(item, "priority") or "-",
             str(item.metadata.creation_timestamp),
         )
     console.print(table)
@@ -156,6 +193,17 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     create.add_argument("name", help="Secret name for the key")
     create.add_argument("--namespace", "-n", default="llmep-system", help="the gateway's namespace")
     create.add_argument("--models", help="comma-separated allowlist (default: every model)")
+    for field, flag, unit, example in LIMITS:
+        create.add_argument(
+            flag,
+            dest=field,
+            metavar="N",
+            type=_limit_type(flag, unit, example),
+            help=f"at most N {unit} (default: no limit)",
+        )
+    create.add_argument(
+        "--priority", choices=PRIORITIES, help="who is served first when the gateway is busy (default: the gateway's)"
+    )
     create.set_defaults(func=keys_create)
     revoke = sub.add_parser("revoke", help="delete a key's Secret")
     revoke.add_argument("name")

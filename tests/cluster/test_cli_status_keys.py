@@ -4,6 +4,9 @@ command in a subprocess, with a kubeconfig.
 - `llmep status --exit-code` exits 3 while any endpoint is not Ready (0 without the flag), and
   shows each endpoint's reason and message; the status is written by the test, as the operator
   would, since no operator runs here;
+- `llmep keys create` writes a key's limits (--rpm, --tpm, --max-tokens-per-day, --priority) into
+  its Secret as the fields the gateway reads, `list` shows them, and a bad limit exits 2 with
+  nothing written;
 - `llmep keys create|list|revoke` end to end with a gateway running in cluster mode in this
   process (as tests/cluster/test_gateway_watch.py runs it), authenticated as a ServiceAccount with
   the gateway's least-privilege Role: the key printed once works, its scope holds, `list` never
@@ -13,7 +16,9 @@ command in a subprocess, with a kubeconfig.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import re
 import subprocess
 import sys
 import time
@@ -111,6 +116,30 @@ def test_status_without_permission_to_list_exits_1_with_the_servers_answer(clust
     assert result.returncode == 1
     assert result.stderr == "llmep status: cannot list LLMEndpoints: 403 Forbidden\n"
     assert result.stdout == ""
+
+
+# ---- llmep keys: limits ----------------------------------------------------------------------
+
+
+def test_keys_create_writes_limits_list_shows_them_and_a_bad_limit_writes_nothing(cluster, namespace):
+    kc = cluster.kubeconfig
+    bad = llmep(kc, "keys", "create", "app-b", "-n", namespace, "--rpm", "60", "--tpm", "0")
+    assert bad.returncode == 2
+    assert "llmep keys create: error: argument --tpm: '0' is not a whole number of at least 1" in bad.stderr
+    assert cluster.core.list_namespaced_secret(namespace, label_selector="llmep.io/api-key").items == []
+
+    limits = ["--rpm", "60", "--tpm", "20000", "--max-tokens-per-day", "1000000", "--priority", "high"]
+    created = llmep(kc, "keys", "create", "app-b", "-n", namespace, *limits)
+    assert created.returncode == 0, created.stderr
+    secret = cluster.core.read_namespaced_secret("app-b", namespace)
+    data = {field: base64.b64decode(value).decode() for field, value in secret.data.items()}
+    assert data.pop("sha256") and data == {"rpm": "60", "tpm": "20000", "tokens_per_day": "1000000", "priority": "high"}
+
+    assert llmep(kc, "keys", "create", "app-c", "-n", namespace, "--models", "alpha").returncode == 0
+    listed = llmep(kc, "keys", "list", "-n", namespace)
+    assert listed.returncode == 0, listed.stderr
+    assert re.search(r"│ app-b +│ \(all\) +│ 60 +│ 20000 +│ 1000000 +│ high +│", listed.stdout), listed.stdout
+    assert re.search(r"│ app-c +│ alpha +│ - +│ - +│ - +│ - +│", listed.stdout), listed.stdout
 
 
 # ---- llmep keys, with a gateway --------------------------------------------------------------
