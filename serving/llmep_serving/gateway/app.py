@@ -21,6 +21,7 @@ from .hold import HeldStreamError, HoldQueue
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import GatewayMetrics
 from .proxy import Proxy
+from .quota import QuotaExceeded, QuotaLimiter, prompt_estimate
 from .relay import StreamRelay, complete_events_end, end_stream
 from .request_body import BodyParser, Payload, read_body
 from .routing import Route, RouteStore
@@ -32,10 +33,22 @@ __all__ = ["Gateway", "complete_events_end", "error_response", "metrics_response
 log = logging.getLogger(__name__)
 
 JSON_HEADERS = {"Content-Type": errors.JSON_CONTENT_TYPE}
+USAGE_PATHS = ("/chat/completions", "/completions")  # the APIs whose streams take stream_options
+CLIENT_CLOSED = 499  # nginx's status for a request whose client left before its answer
+
+
+class KeyCall:
+    """What a key's request is counted under in the per-key metrics."""
+
+    __slots__ = ("model", "status")
+
+    def __init__(self) -> None:
+        self.model = ""  # the served name, once resolved
+        self.status = CLIENT_CLOSED
 
 
 def error_response(exc: GatewayError) -> web.Response:
-    headers = dict(JSON_HEADERS)
+    headers = {**JSON_HEADERS, **exc.headers}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
     response = web.Response(body=exc.body(), status=exc.status, headers=headers)
@@ -81,6 +94,7 @@ class Gateway:
         self.backends = BackendClient(settings, metrics)
         self.holds = HoldQueue(settings, routes, self.in_flight, self.backends)
         self.proxy = Proxy(settings, metrics, self.backends, StreamRelay(settings, metrics, self.in_flight))
+        self.quota = QuotaLimiter(settings.replicas)
         self._per_key = KeyedGauge()  # API key name -> its requests in progress
 
     async def start(self) -> None:
@@ -171,8 +185,24 @@ class Gateway:
     # -- forwarding -------------------------------------------------------------------
 
     async def _forward(self, request: web.BaseRequest) -> web.StreamResponse:
-        started = asyncio.get_running_loop().time()
         key = self._authenticate(request)
+        call = KeyCall()
+        try:
+            response = await self._forward_for(request, key, call)
+        except GatewayError as exc:
+            call.status = exc.status
+            if isinstance(exc, QuotaExceeded):
+                self.metrics.key_rate_limited(key.name, exc.model, exc.limit)
+            elif key.limited:
+                exc.headers = self.quota.headers(key)  # what the request left of the key's limits
+            raise
+        finally:
+            self.metrics.key_request(key.name, call.model, call.status)
+        call.status = response.status
+        return response
+
+    async def _forward_for(self, request: web.BaseRequest, key: ApiKey, call: KeyCall) -> web.StreamResponse:
+        started = asyncio.get_running_loop().time()
         limit = self.settings.max_concurrency_per_key
         if limit and self._per_key[key.name] >= limit:
             raise errors.too_many_requests(limit, self.settings.retry_after_seconds)
@@ -186,22 +216,34 @@ class Gateway:
             label = ""
             try:
                 body = await read_body(request, claim, cap, self.settings.body_timeout)
-                model, stream = await self.parser.fields(body)
+                fields = await self.parser.fields(body)
+                model = fields.model
                 route = self.routes.table.lookup(model)
                 if route is None or not key.allows(route):
                     raise errors.model_not_found(model)
-                label = route.model
-                if model != route.model:
-                    # Only requests by alias, bare adapter name (or namespace/name) pay for
-                    # re-serialising the body: the backend knows "served" and "served:adapter".
-                    body = await self.parser.rewrite(body, route.model)
-                payload = Payload(body, claim)
-                del body  # from here the payload holds the only reference, dropped once sent
-                mm = self.metrics.model(label)
-                if not route.ready:
-                    ready = await self.holds.hold(request, route, model, key, stream, mm)
-                    route, sse = ready.route, ready.sse
-                return await self.proxy.forward(request, route, payload, mm, started, sse)
+                label = call.model = route.model
+                max_tokens = self.settings.quota_default_max_tokens if fields.max_tokens is None else fields.max_tokens
+                reservation = self.quota.reserve(key, label, prompt_estimate(len(body)) + max_tokens)
+                # A stream settles a key's tokens from its usage chunk, asked for where the client did not.
+                ask_usage = (
+                    fields.stream
+                    and not fields.include_usage
+                    and (key.tpm is not None or key.tokens_per_day is not None)
+                    and request.path.endswith(USAGE_PATHS)
+                )
+                with reservation:
+                    if model != route.model or ask_usage:
+                        # Only requests by alias, bare adapter name (or namespace/name), or streams
+                        # whose usage is asked for pay for re-serialising the body: the backend
+                        # knows "served" and "served:adapter".
+                        body = await self.parser.rewrite(body, route.model, ask_usage)
+                    payload = Payload(body, claim)
+                    del body  # from here the payload holds the only reference, dropped once sent
+                    mm = self.metrics.model(label)
+                    if not route.ready:
+                        ready = await self.holds.hold(request, route, model, key, fields.stream, mm)
+                        route, sse = ready.route, ready.sse
+                    return await self.proxy.forward(request, route, payload, mm, started, sse, reservation, ask_usage)
             except (GatewayError, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError):
                     if not self.in_flight.cutting:

@@ -10,8 +10,10 @@ import binascii
 import hashlib
 import hmac
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from .routing import Route
 
@@ -19,12 +21,26 @@ log = logging.getLogger(__name__)
 
 KEY_LABEL = "llmep.io/api-key"
 
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: dict[str, Priority] = {name: name for name in get_args(Priority)}
+# Every field a key Secret or keys-file entry may carry.
+KEY_FIELDS = ("key", "sha256", "models", "rpm", "tpm", "tokens_per_day", "priority")
+_WHOLE_NUMBER = re.compile(r"[0-9]+")
+
 
 @dataclass(frozen=True)
 class ApiKey:
     name: str  # Secret or file entry name: safe to log and to use for per-key limits
     digest: bytes = b""
     models: frozenset[str] | None = None  # None: every model
+    rpm: int | None = None  # requests per minute; None: unlimited
+    tpm: int | None = None  # tokens per minute
+    tokens_per_day: int | None = None  # tokens per UTC day
+    priority: Priority = "normal"  # for the fair queue; stored, not yet used
+
+    @property
+    def limited(self) -> bool:
+        return self.rpm is not None or self.tpm is not None or self.tokens_per_day is not None
 
     def allows(self, route: Route) -> bool:
         """Scopes name models as `name` (the endpoint that owns the plain name), `namespace/name`
@@ -72,8 +88,33 @@ def _parse_digest(value: str, where: str) -> bytes:
     return digest
 
 
+def _parse_limit(value: object, field: str, where: str) -> int | None:
+    if value is None:
+        return None
+    # Secrets hold strings and YAML may quote numbers; bool is an int to Python but not here.
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value.strip()):
+        number = int(value.strip())
+    else:
+        number = 0
+    if number < 1:
+        raise ValueError(f"{where}: {field!r} must be a whole number >= 1 (got {value!r}); leave it out for no limit")
+    return number
+
+
+def _parse_priority(value: object, where: str) -> Priority:
+    if value is None:
+        return "normal"
+    priority = PRIORITIES.get(value.strip()) if isinstance(value, str) else None
+    if priority is not None:
+        return priority
+    raise ValueError(f"{where}: 'priority' must be one of {', '.join(PRIORITIES)} (got {value!r})")
+
+
 def make_key(name: str, fields: Mapping[str, object]) -> ApiKey:
-    """Build a key from {key | sha256, models}; the plain key goes no further than here."""
+    """Build a key from {key | sha256, models, rpm, tpm, tokens_per_day, priority}; the plain key
+    goes no further than here."""
     where = f"key {name!r}"
     plain, hexdigest = fields.get("key"), fields.get("sha256")
     if (plain is None) == (hexdigest is None):
@@ -86,13 +127,21 @@ def make_key(name: str, fields: Mapping[str, object]) -> ApiKey:
         if not isinstance(hexdigest, str):
             raise ValueError(f"{where}: 'sha256' must be a string")
         digest = _parse_digest(hexdigest, where)
-    return ApiKey(name=name, digest=digest, models=_parse_models(fields.get("models"), where))
+    return ApiKey(
+        name=name,
+        digest=digest,
+        models=_parse_models(fields.get("models"), where),
+        rpm=_parse_limit(fields.get("rpm"), "rpm", where),
+        tpm=_parse_limit(fields.get("tpm"), "tpm", where),
+        tokens_per_day=_parse_limit(fields.get("tokens_per_day"), "tokens_per_day", where),
+        priority=_parse_priority(fields.get("priority"), where),
+    )
 
 
 def key_from_secret(name: str, data: Mapping[str, str] | None) -> ApiKey:
     """A Secret's ``data`` (base64 values, as the API returns them) to a key."""
     decoded: dict[str, object] = {}
-    for field_name in ("key", "sha256", "models"):
+    for field_name in KEY_FIELDS:
         value = (data or {}).get(field_name)
         if value is None:
             continue
@@ -104,9 +153,9 @@ def key_from_secret(name: str, data: Mapping[str, str] | None) -> ApiKey:
 
 
 def parse_keys(data: object) -> list[ApiKey]:
-    """Local-mode keys file: a list of {name, key | sha256, models}."""
+    """Local-mode keys file: a list of {name, key | sha256, models, rpm, tpm, tokens_per_day, priority}."""
     if not isinstance(data, list):
-        raise ValueError("keys file must hold a list of {name, key | sha256, models} entries")
+        raise ValueError("keys file must hold a list of {name, key | sha256, models, ...} entries")
     keys = []
     for index, entry in enumerate(data):
         if not isinstance(entry, dict):

@@ -9,6 +9,7 @@ JSON_CONTENT_TYPE = "application/json"
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
 RATE_LIMIT = "rate_limit_error"
+INSUFFICIENT_QUOTA = "insufficient_quota"
 
 
 def envelope(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
@@ -45,6 +46,7 @@ class GatewayError(Exception):
         self.retry_after = retry_after
         self.close = close
         self.model = ""  # metrics label, set once the request's model is resolved
+        self.headers: dict[str, str] = {}  # sent with the answer: the key's x-ratelimit-* headers
 
     def body(self) -> bytes:
         return envelope(self.message, self.type, self.code, self.param)
@@ -143,6 +145,29 @@ def too_many_requests(limit: int, retry_after: int) -> GatewayError:
         "rate_limit_exceeded",
         f"Too many concurrent requests for this API key (limit {limit}).",
         type_=RATE_LIMIT,
+        retry_after=retry_after,
+    )
+
+
+def over_rate_limit(per_minute: str, limit: int, retry_after: int) -> GatewayError:
+    """Over a key's requests or tokens per minute; ``per_minute`` is OpenAI's error type for it."""
+    return GatewayError(
+        429,
+        "rate_limit_exceeded",
+        f"Rate limit reached for this API key on {per_minute} per minute: limit {limit}. "
+        f"Please try again in {retry_after}s.",
+        type_=per_minute,
+        retry_after=retry_after,
+    )
+
+
+def daily_quota_used(limit: int, retry_after: int) -> GatewayError:
+    return GatewayError(
+        429,
+        INSUFFICIENT_QUOTA,
+        f"This API key has used its daily budget of {limit} tokens (tokens_per_day); "
+        "it is renewed at 00:00 UTC.",
+        type_=INSUFFICIENT_QUOTA,
         retry_after=retry_after,
     )
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics per model.
+"""Prometheus metrics per model, and per API key (by its name, never the key or its digest).
 
 The hot path only bumps plain numbers on per-model objects (one event loop mutates them, so no
 locks); a custom collector turns them into metric families when /metrics is scraped. That
@@ -103,6 +103,10 @@ class GatewayMetrics:
         self.models: dict[str, ModelMetrics] = {}
         self.errors: dict[tuple[str, str], int] = {}
         self.retries: dict[tuple[str, str], int] = {}
+        # Keyed by (key name, model, code | type | limit): key names come from Secrets, so bounded.
+        self.key_requests: dict[tuple[str, str, str], int] = {}
+        self.key_tokens: dict[tuple[str, str, str], int] = {}
+        self.key_limited: dict[tuple[str, str, str], int] = {}
         self.routes_ready = 0
         self.routes_not_ready = 0
         self.registry.register(self)
@@ -120,6 +124,19 @@ class GatewayMetrics:
     def retry(self, model: str, reason: str) -> None:
         key = (model, reason)
         self.retries[key] = self.retries.get(key, 0) + 1
+
+    def key_request(self, key: str, model: str, code: int) -> None:
+        labels = (key, model, str(code))
+        self.key_requests[labels] = self.key_requests.get(labels, 0) + 1
+
+    def key_usage(self, key: str, model: str, prompt: int, completion: int) -> None:
+        for kind, count in (("prompt", prompt), ("completion", completion)):
+            labels = (key, model, kind)
+            self.key_tokens[labels] = self.key_tokens.get(labels, 0) + count
+
+    def key_rate_limited(self, key: str, model: str, limit: str) -> None:
+        labels = (key, model, limit)
+        self.key_limited[labels] = self.key_limited.get(labels, 0) + 1
 
     def on_table(self, table: RoutingTable) -> None:
         self.routes_ready = sum(1 for route in table.by_name.values() if route.ready)
@@ -183,6 +200,29 @@ class GatewayMetrics:
         )
         for (model, reason), count in list(self.retries.items()):
             retries.add_metric([model, reason], count)
+        per_key = (
+            CounterMetricFamily(
+                "llmep_gateway_key_requests",
+                "Requests forwarded for an API key, by key name, model ('' before it is resolved) "
+                "and code: the HTTP status answered, 499 when the client left first.",
+                labels=["key", "model", "code"],
+            ),
+            CounterMetricFamily(
+                "llmep_gateway_key_tokens",
+                "Tokens in the usage of an API key's answers, by key name, model and type "
+                "(prompt, completion).",
+                labels=["key", "model", "type"],
+            ),
+            CounterMetricFamily(
+                "llmep_gateway_key_rate_limited",
+                "Requests refused with 429 by an API key's limits, by key name, model and limit "
+                "(requests, tokens, daily_tokens).",
+                labels=["key", "model", "limit"],
+            ),
+        )
+        for family, counts in zip(per_key, (self.key_requests, self.key_tokens, self.key_limited), strict=True):
+            for labels, count in list(counts.items()):
+                family.add_metric(list(labels), count)
         routes = GaugeMetricFamily(
             "llmep_gateway_models",
             "Model names in the routing table, by readiness.",
@@ -190,4 +230,4 @@ class GatewayMetrics:
         )
         routes.add_metric(["true"], self.routes_ready)
         routes.add_metric(["false"], self.routes_not_ready)
-        yield from (in_flight, held, duration, ttft, prompt, completion, errors, retries, routes)
+        yield from (in_flight, held, duration, ttft, prompt, completion, errors, retries, *per_key, routes)

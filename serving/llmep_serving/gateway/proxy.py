@@ -13,7 +13,8 @@ from . import errors
 from .backend_client import BACKEND_HEADERS, BackendClient
 from .backend_errors import clean_error_body
 from .metrics import GatewayMetrics, ModelMetrics, usage_from
-from .relay import StreamRelay, end_stream
+from .quota import Reservation
+from .relay import StreamRelay, end_stream, settle
 from .request_body import Payload
 from .routing import Route
 from .settings import GatewaySettings
@@ -45,8 +46,11 @@ class Proxy:
         mm: ModelMetrics,
         started: float,
         sse: web.StreamResponse | None,
+        reservation: Reservation,
+        strip_usage: bool,
     ) -> web.StreamResponse:
-        """``sse`` is the response already started for a held stream, if any."""
+        """``sse`` is the response already started for a held stream, if any. The reservation is
+        settled from a good answer's usage; an error answer leaves it to be released."""
         assert route.base is not None
         in_headers = request.headers
         headers = {
@@ -63,7 +67,7 @@ class Proxy:
             try:
                 content_type = resp.headers.get("Content-Type", errors.JSON_CONTENT_TYPE)
                 if content_type.startswith("text/event-stream"):
-                    return await self.relay.relay(request, resp, route, mm, started, sse)
+                    return await self.relay.relay(request, resp, route, mm, started, sse, reservation, strip_usage)
                 try:
                     data = await _read_capped(resp, self.settings.max_response_bytes, route.model)
                 except TimeoutError:
@@ -74,10 +78,7 @@ class Proxy:
                 resp.release()
             status = resp.status
             if status < 400:
-                usage = usage_from(data)
-                if usage is not None:
-                    mm.prompt_tokens += usage[0]
-                    mm.completion_tokens += usage[1]
+                settle(reservation, usage_from(data), mm, self.metrics)
             else:
                 self.metrics.error(route.model, f"backend_{status}")
                 data = clean_error_body(data, status)
@@ -86,7 +87,7 @@ class Proxy:
                 mm.duration.observe(asyncio.get_running_loop().time() - started)
                 return sse
             mm.duration.observe(asyncio.get_running_loop().time() - started)
-            return web.Response(body=data, status=status, headers={"Content-Type": content_type})
+            return web.Response(body=data, status=status, headers={"Content-Type": content_type, **reservation.headers})
 
 
 def _as_sse(data: bytes, status: int) -> bytes:

@@ -1,10 +1,13 @@
 """Relaying a backend's SSE stream to the client: whole events only, a bound on a client that
-stops reading, and an error event rather than a bare close when the stream cannot finish."""
+stops reading, an error event rather than a bare close when the stream cannot finish, and the
+key's tokens settled from the stream's usage."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 
 import aiohttp
 from aiohttp import web
@@ -12,6 +15,7 @@ from aiohttp import web
 from . import errors
 from .drain import InFlight
 from .metrics import GatewayMetrics, ModelMetrics, usage_from
+from .quota import Reservation
 from .routing import Route
 from .settings import GatewaySettings
 
@@ -23,6 +27,7 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",  # tell any proxy in front not to buffer the stream
 }
 MAX_PENDING_EVENT = 1 << 20  # an SSE event larger than this is forwarded even if incomplete
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n")
 
 
 def complete_events_end(data: bytes) -> int:
@@ -30,6 +35,55 @@ def complete_events_end(data: bytes) -> int:
     lf = data.rfind(b"\n\n")
     crlf = data.rfind(b"\r\n\r\n")
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+def settle(
+    reservation: Reservation, usage: tuple[int, int] | None, mm: ModelMetrics, metrics: GatewayMetrics
+) -> None:
+    """An answer's usage counted for its model and its key, and the key's reservation settled
+    with it; an answer without usage keeps what was reserved."""
+    if usage is None:
+        reservation.settle(None)
+        return
+    mm.prompt_tokens += usage[0]
+    mm.completion_tokens += usage[1]
+    metrics.key_usage(reservation.key, reservation.model, usage[0], usage[1])
+    reservation.settle(usage[0] + usage[1])
+
+
+def _usage_event(event: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) of the chunk that stream_options.include_usage adds: no choices, a usage."""
+    line = event.strip()
+    if not line.startswith(b"data:"):
+        return None
+    try:
+        chunk = json.loads(line[5:])
+    except ValueError:
+        return None
+    if not isinstance(chunk, dict) or chunk.get("choices") != [] or not isinstance(chunk.get("usage"), dict):
+        return None
+    prompt, completion = chunk["usage"].get("prompt_tokens"), chunk["usage"].get("completion_tokens", 0)
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return prompt, completion
+
+
+def without_usage_event(data: bytes) -> tuple[bytes, tuple[int, int] | None]:
+    """Whole SSE events less the usage chunk the gateway asked for on the client's behalf, and that
+    chunk's usage. Only events that mention "usage" are parsed: in practice the stream's last."""
+    kept = []
+    usage = None
+    start = 0
+    for end in _EVENT_END.finditer(data):
+        event = data[start : end.end()]
+        start = end.end()
+        found = _usage_event(event) if b'"usage"' in event else None
+        if found is None:
+            kept.append(event)
+        else:
+            usage = found
+    kept.append(data[start:])
+    return b"".join(kept), usage
 
 
 async def end_stream(out: web.StreamResponse, tail: bytes) -> None:
@@ -57,10 +111,14 @@ class StreamRelay:
         mm: ModelMetrics,
         started: float,
         out: web.StreamResponse | None,
+        reservation: Reservation,
+        strip_usage: bool,
     ) -> web.StreamResponse:
+        """``strip_usage``: the gateway asked for the usage chunk, which the client did not."""
         loop = asyncio.get_running_loop()
         if out is None:
-            out = web.StreamResponse(status=resp.status, headers=SSE_HEADERS)
+            # Rate-limit headers go out with the head, before the first event.
+            out = web.StreamResponse(status=resp.status, headers={**SSE_HEADERS, **reservation.headers})
             await out.prepare(request)
         content = resp.content
         write_timeout = self.settings.stream_write_timeout
@@ -89,11 +147,17 @@ class StreamRelay:
                     pending, data = data[end:], data[:end]
                     if not data:
                         continue
+                if b'"usage"' in data:
+                    if strip_usage:
+                        data, found = without_usage_event(data)
+                        usage = found or usage
+                        if not data:
+                            continue
+                    else:
+                        usage = usage_from(data) or usage
                 if first:
                     first = False
                     mm.ttft.observe(loop.time() - started)
-                if b'"usage"' in data:
-                    usage = usage_from(data) or usage
                 try:
                     async with asyncio.timeout(write_timeout):
                         await out.write(data)
@@ -127,8 +191,7 @@ class StreamRelay:
             )
         else:
             await end_stream(out, pending)
-        if usage is not None:
-            mm.prompt_tokens += usage[0]
-            mm.completion_tokens += usage[1]
+        if usage is not None or not failed:
+            settle(reservation, usage, mm, self.metrics)
         mm.duration.observe(loop.time() - started)
         return out

@@ -1,5 +1,5 @@
-"""Request bodies: read under the byte budget, ``model`` and ``stream`` found without stalling
-the event loop, ``model`` rewritten for aliases.
+"""Request bodies: read under the byte budget, ``model``, ``stream`` and what the answer may cost
+found without stalling the event loop, ``model`` rewritten for aliases, usage asked for.
 
 json.loads holds the GIL for its whole run (about 100 ms for 8 MiB of small messages), so a
 thread would stall the loop just the same: bodies from ``offload_parse_bytes`` up are parsed
@@ -15,6 +15,7 @@ import multiprocessing
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from typing import TypeVar, TypeVarTuple
 
 from aiohttp import web
@@ -27,8 +28,27 @@ _T = TypeVar("_T")
 _Ts = TypeVarTuple("_Ts")
 
 
-def parse_request(body: bytes) -> tuple[str, bool]:
-    """``model`` and ``stream`` from a JSON body; the body itself is forwarded unchanged."""
+@dataclass(frozen=True, slots=True)
+class RequestFields:
+    """What the gateway reads from a request body."""
+
+    model: str
+    stream: bool = False
+    max_tokens: int | None = None  # max_completion_tokens, else max_tokens, as vLLM reads them
+    include_usage: bool = False  # stream_options.include_usage: the client wants the usage chunk
+
+
+def _max_tokens(data: dict[str, object]) -> int | None:
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = data.get(name)
+        # A mistyped value is the backend's to refuse (400); the default is reserved meanwhile.
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
+
+
+def parse_request(body: bytes) -> RequestFields:
+    """The fields the gateway needs from a JSON body; the body itself is forwarded unchanged."""
     try:
         data = json.loads(body)
     except RecursionError:
@@ -47,13 +67,27 @@ def parse_request(body: bytes) -> tuple[str, bool]:
         stream = False
     elif not isinstance(stream, bool):
         raise errors.invalid_type("stream", "a boolean")
-    return model, stream
+    options = data.get("stream_options")
+    return RequestFields(
+        model=model,
+        stream=stream,
+        max_tokens=_max_tokens(data),
+        include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+    )
 
 
-def with_model(body: bytes, model: str) -> bytes:
-    """The body with ``model`` replaced: an alias becomes the served name the backend knows."""
+def rewritten(body: bytes, model: str, ask_usage: bool = False) -> bytes:
+    """The body with ``model`` replaced (an alias becomes the served name the backend knows) and,
+    with ``ask_usage``, a stream's usage asked for, so a key's tokens can be settled."""
     data = json.loads(body)
     data["model"] = model
+    if ask_usage:
+        options = data.get("stream_options")
+        if options is None:
+            data["stream_options"] = {"include_usage": True}
+        elif isinstance(options, dict):
+            options["include_usage"] = True
+        # Anything else is the backend's to refuse, as the client sent it.
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -107,15 +141,15 @@ class BodyParser:
         self.offload_bytes = offload_bytes
         self._pool: ProcessPoolExecutor | None = None
 
-    async def fields(self, body: bytes) -> tuple[str, bool]:
+    async def fields(self, body: bytes) -> RequestFields:
         if len(body) < self.offload_bytes:
             return parse_request(body)
         return await self._offload(parse_request, body)
 
-    async def rewrite(self, body: bytes, model: str) -> bytes:
+    async def rewrite(self, body: bytes, model: str, ask_usage: bool) -> bytes:
         if len(body) < self.offload_bytes:
-            return with_model(body, model)
-        return await self._offload(with_model, body, model)
+            return rewritten(body, model, ask_usage)
+        return await self._offload(rewritten, body, model, ask_usage)
 
     async def _offload(self, fn: Callable[[*_Ts], _T], *args: *_Ts) -> _T:
         if self._pool is None:

@@ -32,8 +32,9 @@ class GatewaySettings(BaseSettings):
     )
     keys_file: Path | None = Field(
         None,
-        description="Local mode: YAML/JSON list of {name, key | sha256, models}; reloaded on "
-        "change. Unset in cluster mode: keys come from Secrets labelled llmep.io/api-key.",
+        description="Local mode: YAML/JSON list of {name, key | sha256, models, rpm, tpm, "
+        "tokens_per_day, priority}; reloaded on change. Unset in cluster mode: keys come from "
+        "Secrets labelled llmep.io/api-key.",
     )
     file_poll_interval: float = Field(
         0.5, gt=0, description="Seconds between checks of routes_file and keys_file."
@@ -177,6 +178,19 @@ class GatewaySettings(BaseSettings):
     )
     max_concurrency_per_key: int = Field(
         256, ge=0, description="In-flight requests per API key; beyond that 429. 0: unlimited."
+    )
+    replicas: int = Field(
+        1,
+        ge=1,
+        description="Gateway replicas behind the Service (the chart sets gateway.replicas): each "
+        "enforces 1/replicas of every key's rpm, tpm and tokens_per_day, so together they never "
+        "exceed a key's limits.",
+    )
+    quota_default_max_tokens: int = Field(
+        256,
+        ge=0,
+        description="Completion tokens reserved against a key's tpm and tokens_per_day for a request "
+        "without max_tokens or max_completion_tokens (settled from the answer's usage).",
     )
     retry_after_seconds: int = Field(
         5, ge=1, description="Retry-After sent with 429 and 503 answers."

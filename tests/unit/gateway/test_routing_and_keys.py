@@ -16,7 +16,7 @@ from llmep_serving.gateway.k8s import (
     keys_from_secrets,
 )
 from llmep_serving.gateway.metrics import usage_from
-from llmep_serving.gateway.request_body import parse_request
+from llmep_serving.gateway.request_body import RequestFields, parse_request
 from llmep_serving.gateway.routing import Backend, build_table, parse_routes
 
 pytestmark = pytest.mark.unit
@@ -289,9 +289,14 @@ def test_bad_bodies_are_rejected_with_a_code(body, code):
     assert err.value.status == 400 and err.value.code == code
 
 
-def test_model_and_stream_are_read():
-    assert parse_request(b'{"model": "m", "stream": true}') == ("m", True)
-    assert parse_request(b'{"model": "m", "stream": null}') == ("m", False)
+def test_model_stream_max_tokens_and_include_usage_are_read():
+    assert parse_request(b'{"model": "m", "stream": true}') == RequestFields(model="m", stream=True)
+    assert parse_request(b'{"model": "m", "stream": null}') == RequestFields(model="m", stream=False)
+    both = b'{"model": "m", "max_tokens": 9, "max_completion_tokens": 5}'
+    assert parse_request(both).max_tokens == 5  # max_completion_tokens first, as vLLM reads them
+    assert parse_request(b'{"model": "m", "max_tokens": "9"}').max_tokens is None  # the backend's 400
+    usage = b'{"model": "m", "stream": true, "stream_options": {"include_usage": true}}'
+    assert parse_request(usage).include_usage
 
 
 def test_usage_is_read_from_the_last_usage_object():
