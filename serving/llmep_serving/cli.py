@@ -8,7 +8,7 @@ import sys
 
 from llmep_operator import cli as operator_cli
 from llmep_operator import weights_fetch
-from llmep_serving import admin, local_mode
+from llmep_serving import admin, local_mode, usage
 
 
 def _gateway(gateway_args: list[str]) -> int:
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("gateway_args", nargs=argparse.REMAINDER)
     local_mode.add_parser(commands)
     admin.add_parsers(commands)
+    usage.add_parser(commands)
     fetch = commands.add_parser("fetch", help="copy a model's weights (s3://, hf://) into a folder, showing progress")
     weights_fetch.add_arguments(fetch)
     fetch.set_defaults(func=weights_fetch.run)
