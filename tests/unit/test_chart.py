@@ -298,8 +298,22 @@ def test_monitoring_values_render_monitors_dashboard_policies_and_routes():
         "llmep_gateway_completion_tokens_total",
         "vllm:num_requests_running",
         "vllm:num_requests_waiting",
+        "llmep_gateway_key_tokens_total",
+        "llmep_gateway_key_requests_total",
+        "llmep_gateway_key_rate_limited_total",
     ):
         assert metric in exprs, metric
+    # Per key: tokens by type, requests by code, refusals by limit, as `llmep usage` splits them.
+    by_key = {
+        t["expr"].split("(rate(")[1].split("{")[0]: t["expr"]
+        for p in board["panels"]
+        for t in p["targets"]
+        if "key" in t["expr"]
+    }
+    assert by_key["llmep_gateway_key_tokens_total"].startswith("sum by (key, type) ")
+    assert by_key["llmep_gateway_key_requests_total"].startswith("sum by (key, code) ")
+    assert by_key["llmep_gateway_key_rate_limited_total"].startswith("sum by (key, limit) ")
+    assert {v["name"] for v in board["templating"]["list"]} == {"datasource", "model", "key"}
 
 
 def test_dashboard_queries_name_metrics_the_gateway_exports():
