@@ -16,7 +16,7 @@ from rich.table import Table
 
 from llmep_operator.api import GROUP, PLURAL, VERSION, ConditionType
 from llmep_operator.api.conditions import condition
-from llmep_serving.gateway.auth import KEY_LABEL
+from llmep_serving.gateway.auth import KEY_LABEL, PRIORITIES
 
 KEY_PREFIX = "sk-llmep-"
 console = Console()
@@ -27,7 +27,6 @@ LIMITS = (
     ("tpm", "--tpm", "tokens per minute", "20000"),
     ("tokens_per_day", "--max-tokens-per-day", "tokens per day", "1000000"),
 )
-PRIORITIES = ("high", "normal", "low")
 
 
 def _limit_type(flag: str, unit: str, example: str) -> Callable[[str], int]:
@@ -202,7 +201,9 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
             help=f"at most N {unit} (default: no limit)",
         )
     create.add_argument(
-        "--priority", choices=PRIORITIES, help="who is served first when the gateway is busy (default: the gateway's)"
+        "--priority",
+        choices=list(PRIORITIES),
+        help="who is served first when the gateway is busy (default: the gateway's)",
     )
     create.set_defaults(func=keys_create)
     revoke = sub.add_parser("revoke", help="delete a key's Secret")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from llmep_serving.gateway.auth import make_key
 from tests.unit.stand_in_api import stand_in_api
 
 pytestmark = pytest.mark.unit
@@ -51,6 +52,9 @@ def test_create_writes_the_limits_into_the_secret_data(tmp_path):
     data = secret["stringData"]
     assert set(data) == {"sha256", "rpm", "tpm", "tokens_per_day", "priority"}
     assert (data["rpm"], data["tpm"], data["tokens_per_day"], data["priority"]) == ("60", "20000", "1000000", "high")
+    # The gateway reads the Secret as written.
+    key = make_key("app-a", data)
+    assert (key.rpm, key.tpm, key.tokens_per_day, key.priority) == (60, 20000, 1000000, "high")
     assert "limits: 60 requests per minute, 20000 tokens per minute, 1000000 tokens per day, priority high." in (
         created.stderr
     )
