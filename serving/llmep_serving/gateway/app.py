@@ -189,6 +189,7 @@ class Gateway:
         call = KeyCall()
         try:
             response = await self._forward_for(request, key, call)
+            call.status = response.status
         except GatewayError as exc:
             call.status = exc.status
             if isinstance(exc, QuotaExceeded):
@@ -198,7 +199,9 @@ class Gateway:
             raise
         finally:
             self.metrics.key_request(key.name, call.model, call.status)
-        call.status = response.status
+        if key.limited and not response.prepared:
+            # A stream sent its headers at its start; a plain answer reports the limits once settled.
+            response.headers.update(self.quota.headers(key))
         return response
 
     async def _forward_for(self, request: web.BaseRequest, key: ApiKey, call: KeyCall) -> web.StreamResponse:

@@ -87,7 +87,7 @@ class Proxy:
                 mm.duration.observe(asyncio.get_running_loop().time() - started)
                 return sse
             mm.duration.observe(asyncio.get_running_loop().time() - started)
-            return web.Response(body=data, status=status, headers={"Content-Type": content_type, **reservation.headers})
+            return web.Response(body=data, status=status, headers={"Content-Type": content_type})
 
 
 def _as_sse(data: bytes, status: int) -> bytes:
