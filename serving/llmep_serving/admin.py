@@ -163,7 +163,7 @@ def keys_list(args: argparse.Namespace) -> int:
     core, _ = _clients()
     secrets_ = core.list_namespaced_secret(args.namespace, label_selector=KEY_LABEL).items
     table = Table(
-        title=f"API keys in {args.namespace}", caption="-: not set (no limit; the gateway's default priority)"
+        title=f"API keys in {args.namespace}", caption="-: not set (no limit; priority normal)"
     )
     for column in ("name", "models", "requests/min", "tokens/min", "tokens/day", "priority", "created"):
         table.add_column(column)
@@ -203,7 +203,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     create.add_argument(
         "--priority",
         choices=list(PRIORITIES),
-        help="who is served first when the gateway is busy (default: the gateway's)",
+        help="the priority of the key's requests (default: normal)",
     )
     create.set_defaults(func=keys_create)
     revoke = sub.add_parser("revoke", help="delete a key's Secret")

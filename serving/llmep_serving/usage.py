@@ -148,7 +148,7 @@ def _sum(parts: list[Counts]) -> Counts:
 def totals_report(counts: dict[str, Counts]) -> Report:
     names = list(counts)
     return Report(
-        title=f"Usage per key and model since each gateway started ({_gateways(names)}; --window 5m for recent use)",
+        title=f"Totals per key and model since each gateway started ({_gateways(names)})",
         gateways=names,
         window=None,
         rows=usage_rows(_sum(list(counts.values()))),

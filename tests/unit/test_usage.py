@@ -105,7 +105,7 @@ def test_totals_are_summed_over_every_url_and_titled_as_totals_since_start():
     with gateway_serving(A) as one, gateway_serving(B) as two:
         result = llmep("--url", one, "--url", two)
     assert result.returncode == 0, result.stderr
-    assert "Usage per key and model since each gateway started (2 gateways" in result.stdout
+    assert "Totals per key and model since each gateway started (2 gateways)" in result.stdout
     assert rows(result.stdout) == {
         ("app-a", "tiny"): ["17", "2,000", "500", "3 (requests 2, tokens 1)"],
         ("app-b", "qwen"): ["1", "7", "0", "0"],
