@@ -193,7 +193,10 @@ class GatewaySettings(BaseSettings):
         "without max_tokens or max_completion_tokens (settled from the answer's usage).",
     )
     retry_after_seconds: int = Field(
-        5, ge=1, description="Retry-After sent with 429 and 503 answers."
+        5,
+        ge=1,
+        description="Retry-After sent with 429 and 503 answers; a key's rpm, tpm and tokens_per_day "
+        "429s say when the key has room instead.",
     )
     log_level: str = Field("INFO", description="Python logging level.")
 
