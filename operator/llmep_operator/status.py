@@ -130,7 +130,7 @@ def _app_status(rayservice: dict[str, Any]) -> tuple[str, str]:
         (status.get(side) or {}).get("applicationStatuses") or {}
         for side in ("activeServiceStatus", "pendingServiceStatus")
     ]
-    app = next((found for found in (a.get(naming.APP_NAME) for a in apps) if found), {})
+    app: dict[str, Any] = next((found for found in (a.get(naming.APP_NAME) for a in apps) if found), {})
     message = app.get("message", "")
     for name, deployment in (app.get("serveDeploymentStatuses") or {}).items():
         if deployment.get("message") and not message:
