@@ -162,9 +162,7 @@ def _field(secret: Any, name: str) -> str | None:
 def keys_list(args: argparse.Namespace) -> int:
     core, _ = _clients()
     secrets_ = core.list_namespaced_secret(args.namespace, label_selector=KEY_LABEL).items
-    table = Table(
-        title=f"API keys in {args.namespace}", caption="-: not set (no limit; priority normal)"
-    )
+    table = Table(title=f"API keys in {args.namespace}", caption="-: not set (no limit; priority normal)")
     for column in ("name", "models", "requests/min", "tokens/min", "tokens/day", "priority", "created"):
         table.add_column(column)
     for item in secrets_:
