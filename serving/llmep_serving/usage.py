@@ -216,7 +216,7 @@ def _table(report: Report) -> Table:
     for row in report.rows:
         table.add_row(
             escape(row.key),
-            escape(row.model),
+            escape(row.model) or "(none)",  # the gateway answered before it knew the model (e.g. a bad body)
             f"{row.requests:,}",
             f"{row.prompt_tokens:,}",
             f"{row.completion_tokens:,}",

@@ -102,12 +102,14 @@ B = exposition(
 
 
 def test_totals_are_summed_over_every_url_and_titled_as_totals_since_start():
-    with gateway_serving(A) as one, gateway_serving(B) as two:
-        result = llmep("--url", one, "--url", two)
+    unresolved = exposition({("app-b", "", "400"): 1})  # answered before the model was known
+    with gateway_serving(A) as one, gateway_serving(B) as two, gateway_serving(unresolved) as three:
+        result = llmep("--url", one, "--url", two, "--url", three)
     assert result.returncode == 0, result.stderr
-    assert "Totals per key and model since each gateway started (2 gateways)" in result.stdout
+    assert "Totals per key and model since each gateway started (3 gateways)" in result.stdout
     assert rows(result.stdout) == {
         ("app-a", "tiny"): ["17", "2,000", "500", "3 (requests 2, tokens 1)"],
+        ("app-b", "(none)"): ["1", "0", "0", "0"],
         ("app-b", "qwen"): ["1", "7", "0", "0"],
     }
     assert "note:" not in result.stdout
