@@ -244,7 +244,8 @@ class Gateway:
                     del body  # from here the payload holds the only reference, dropped once sent
                     mm = self.metrics.model(label)
                     if not route.ready:
-                        ready = await self.holds.hold(request, route, model, key, fields.stream, mm)
+                        limits = self.quota.headers(key) if key.limited else None
+                        ready = await self.holds.hold(request, route, model, key, fields.stream, mm, limits)
                         route, sse = ready.route, ready.sse
                     return await self.proxy.forward(request, route, payload, mm, started, sse, reservation, ask_usage)
             except (GatewayError, asyncio.CancelledError) as exc:

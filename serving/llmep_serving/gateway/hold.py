@@ -8,6 +8,7 @@ the backend every WAKE_INTERVAL, which makes Ray Serve start a replica from zero
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -91,8 +92,10 @@ class HoldQueue:
         key: ApiKey,
         stream: bool,
         mm: ModelMetrics,
+        headers: Mapping[str, str] | None = None,
     ) -> Ready:
-        """Wait until ``model`` resolves to a ready route that ``key`` may use."""
+        """Wait until ``model`` resolves to a ready route that ``key`` may use; a held stream's
+        200 goes out with ``headers`` (the key's x-ratelimit-*) besides the SSE ones."""
         s = self.settings
         if self._held[route.key] >= s.hold_queue_size:
             raise errors.queue_full(route.model, s.retry_after_seconds)
@@ -116,7 +119,7 @@ class HoldQueue:
                     except TimeoutError:
                         if stream and loop.time() < deadline:
                             if sse is None:
-                                sse = web.StreamResponse(status=200, headers=SSE_HEADERS)
+                                sse = web.StreamResponse(status=200, headers={**SSE_HEADERS, **(headers or {})})
                                 await sse.prepare(request)
                             await sse.write(keepalive_comment(route))
                     current = self.routes.table.lookup(model)

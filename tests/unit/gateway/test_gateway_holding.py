@@ -181,3 +181,24 @@ async def test_held_stream_comments_carry_the_endpoints_progress(backend_factory
     )
     assert comments[-1].endswith("9.8 of 14.0 GiB, 305 MiB/s, about 15 s")
     assert reply.status_code == 200
+
+
+async def test_a_held_stream_of_a_limited_key_carries_its_rate_limit_headers(backend_factory, gateway_factory):
+    """The 200 of a held stream goes out before the model is ready: the key's x-ratelimit-*
+    headers must be on it then, as on any stream's first bytes."""
+    backend = await backend_factory("b", chunks=1)
+    gw = await gateway_factory(
+        [{"models": ["m"], "url": backend.url, "ready": False}],
+        keys=[{"name": "app", "key": "sk-app", "rpm": 60}],
+        hold_keepalive_interval=0.05,
+    )
+    request = {"model": "m", "stream": True}
+    async with httpx.AsyncClient(headers={"Authorization": "Bearer sk-app"}) as h:
+        async with h.stream("POST", f"{gw.url}/chat/completions", json=request) as reply:
+            async for line in reply.aiter_lines():
+                if line == ": keep-alive":
+                    await gw.set_routes([{"models": ["m"], "url": backend.url, "ready": True}])
+    assert reply.status_code == 200
+    limits = (reply.headers["x-ratelimit-limit-requests"], reply.headers["x-ratelimit-remaining-requests"])
+    assert limits == ("60", "59")
+    assert reply.headers["x-ratelimit-reset-requests"].endswith("s")
