@@ -8,8 +8,13 @@ model path (a local folder) and a short scale-down delay (so the tier ends) are 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +65,39 @@ def free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_gateway(folder: Path, routes: list[dict], keys: list[dict]) -> Iterator[str]:
+    """`llmep gateway` in local mode, as a user runs it, from a routes file and a keys file
+    written into `folder`; yields its root URL (no /v1) once /readyz answers, stops it after."""
+    import httpx
+
+    routes_file, keys_file = folder / "routes.json", folder / "keys.json"
+    routes_file.write_text(json.dumps(routes))
+    keys_file.write_text(json.dumps(keys))
+    port = free_loopback_port()
+    command = [sys.executable, "-m", "llmep_serving.cli", "gateway", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--routes-file", str(routes_file), "--keys-file", str(keys_file)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    root = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"{root}/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        deadline = time.monotonic() + 60
+        while not answers():
+            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+            assert time.monotonic() < deadline, "the gateway did not come up in 60 s"
+            time.sleep(0.2)
+        yield root
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

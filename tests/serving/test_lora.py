@@ -11,10 +11,6 @@ makes the replica download the adapter and load it into the engine.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -25,7 +21,7 @@ from llmep_operator.settings import OperatorSettings
 from llmep_serving.local import LocalServe
 from llmep_serving.tinymodel import LORA_RANK, ensure_tiny_lora, tiny_ray_app
 from tests.objectstore import ObjectStore
-from tests.serving.conftest import ENGINE_ENV, SERVED_NAME, free_loopback_port
+from tests.serving.conftest import ENGINE_ENV, SERVED_NAME, free_loopback_port, local_gateway
 
 pytestmark = pytest.mark.timeout(900)
 # Each serving path gets a Ray of its own (its switches are Ray processes' environment): these
@@ -124,36 +120,10 @@ ADAPTER_KEY, ALL_KEY = "sk-test-adapter-only", "sk-test-every-model"
 def gateway(lora_served: LocalServe, tmp_path_factory) -> Iterator[str]:
     """`llmep gateway` in local mode in front of the LoRA app, as a user runs it: the routes file
     names the adapter, one key may call only the adapter, another every model."""
-    folder = tmp_path_factory.mktemp("gateway")
-    routes, keys = folder / "routes.json", folder / "keys.json"
-    routes.write_text(
-        json.dumps([{"models": [SERVED_NAME], "adapters": [ADAPTER], "url": lora_served.base_url, "ready": True}])
-    )
-    keys.write_text(
-        json.dumps([{"name": "adapter-only", "key": ADAPTER_KEY, "models": [ADAPTER]}, {"name": "all", "key": ALL_KEY}])
-    )
-    port = free_loopback_port()
-    command = [sys.executable, "-m", "llmep_serving.cli", "gateway", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--routes-file", str(routes), "--keys-file", str(keys)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    root = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while not _answers(f"{root}/readyz"):
-            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
-            assert time.monotonic() < deadline, "the gateway did not come up in 60 s"
-            time.sleep(0.2)
+    routes = [{"models": [SERVED_NAME], "adapters": [ADAPTER], "url": lora_served.base_url, "ready": True}]
+    keys = [{"name": "adapter-only", "key": ADAPTER_KEY, "models": [ADAPTER]}, {"name": "all", "key": ALL_KEY}]
+    with local_gateway(tmp_path_factory.mktemp("gateway"), routes, keys) as root:
         yield f"{root}/v1"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def test_through_the_gateway_the_adapter_is_listed_called_and_scoped(gateway: str, lora_client: openai.OpenAI) -> None:
