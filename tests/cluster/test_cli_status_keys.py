@@ -11,17 +11,23 @@ command in a subprocess, with a kubeconfig.
   process (as tests/cluster/test_gateway_watch.py runs it), authenticated as a ServiceAccount with
   the gateway's least-privilege Role: the key printed once works, its scope holds, `list` never
   shows it, and `revoke` makes the gateway refuse it.
+- a key created with `--rpm 2` gets two answers from that gateway and then a 429, and `llmep
+  usage` against the gateway's /metrics counts them (two 200s, one 429, one refused by `requests`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import json
 import os
 import re
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import openai
@@ -154,9 +160,11 @@ async def start_backend() -> tuple[web.AppRunner, str]:
 RETRY_ON = (openai.APIStatusError, openai.APIConnectionError, AssertionError)
 
 
-@pytest.mark.asyncio
-async def test_keys_create_list_revoke_end_to_end_through_the_gateway(cluster, namespace, crd, tmp_path):
-    kc = cluster.kubeconfig
+@contextlib.asynccontextmanager
+async def gateway_for(cluster, namespace: str, tmp_path: Path) -> AsyncIterator[str]:
+    """A gateway in cluster mode in this process, as the gateway's ServiceAccount, in front of
+    endpoints alpha and beta (Ready, answered by the backend); yields its base URL (/metrics is
+    on the same port)."""
     backend, url = await start_backend()
     for name in ("alpha", "beta"):
         create_endpoint(cluster, namespace, name)
@@ -174,17 +182,28 @@ async def test_keys_create_list_revoke_end_to_end_through_the_gateway(cluster, n
         )
     )
     await server.start()
-    gw = f"http://127.0.0.1:{server.port}/v1"
+    try:
+        yield f"http://127.0.0.1:{server.port}/v1"
+    finally:
+        await server.stop()
+        await backend.cleanup()
+
+
+async def ask_gateway(gw: str, key: str, model: str) -> str:
+    c = openai.AsyncOpenAI(base_url=gw, api_key=key, max_retries=0)
+    reply = await c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+    return reply.choices[0].message.content
+
+
+@pytest.mark.asyncio
+async def test_keys_create_list_revoke_end_to_end_through_the_gateway(cluster, namespace, crd, tmp_path):
+    kc = cluster.kubeconfig
 
     async def run(*args: str) -> subprocess.CompletedProcess:
         return await asyncio.to_thread(llmep, kc, *args)
 
-    async def ask(key: str, model: str) -> str:
-        c = openai.AsyncOpenAI(base_url=gw, api_key=key, max_retries=0)
-        reply = await c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
-        return reply.choices[0].message.content
-
-    try:
+    async with gateway_for(cluster, namespace, tmp_path) as gw:
+        ask = partial(ask_gateway, gw)
         created = await run("keys", "create", "app-a", "-n", namespace, "--models", "alpha")
         assert created.returncode == 0, created.stderr
         key = created.stdout.strip()
@@ -243,7 +262,37 @@ async def test_keys_create_list_revoke_end_to_end_through_the_gateway(cluster, n
         assert cluster.core.read_namespaced_secret("db-password", namespace)
         missing = await run("keys", "revoke", "app-a", "-n", namespace)
         assert (missing.returncode, missing.stderr) == (1, "llmep keys revoke: 404 Not Found\n")
-    finally:
-        await server.stop()
-        await backend.cleanup()
     print(f"the gateway refused the revoked key {seconds:.2f}s after `llmep keys revoke` started")
+
+
+@pytest.mark.asyncio
+async def test_a_key_created_with_rpm_is_held_to_it_by_the_gateway_and_llmep_usage_counts_the_refusal(
+    cluster, namespace, crd, tmp_path
+):
+    kc = cluster.kubeconfig
+
+    async def run(*args: str) -> subprocess.CompletedProcess:
+        return await asyncio.to_thread(llmep, kc, *args)
+
+    async with gateway_for(cluster, namespace, tmp_path) as gw:
+        ask = partial(ask_gateway, gw)
+        # An unlimited key first, so alpha is routed before the limited key's first request.
+        probe = (await run("keys", "create", "probe", "-n", namespace)).stdout.strip()
+        await eventually(lambda: ask(probe, "alpha"), retry_on=RETRY_ON, what="the probe key to be accepted")
+
+        created = await run("keys", "create", "app-r", "-n", namespace, "--models", "alpha", "--rpm", "2")
+        assert created.returncode == 0, created.stderr
+        assert "limits: 2 requests per minute." in created.stderr
+        key = created.stdout.strip()
+        # Until the gateway has loaded the key it answers 401, which takes nothing from its limits.
+        await eventually(lambda: ask(key, "alpha"), retry_on=RETRY_ON, what="the limited key to be accepted")
+        assert await ask(key, "alpha") == "hello from alpha"
+        with pytest.raises(openai.RateLimitError):
+            await ask(key, "alpha")
+
+        usage = await run("usage", "--url", gw.removesuffix("/v1") + "/metrics", "-o", "json")
+    assert usage.returncode == 0, usage.stderr
+    rows = {(row["key"], row["model"]): row for row in json.loads(usage.stdout)["usage"]}
+    limited = rows[("app-r", "alpha")]
+    assert (limited["requests_by_code"], limited["rate_limited_by_limit"]) == ({"200": 2, "429": 1}, {"requests": 1})
+    assert rows[("probe", "alpha")]["rate_limited"] == 0
