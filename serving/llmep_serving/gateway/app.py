@@ -16,6 +16,7 @@ from .backend_client import BackendClient
 from .budget import BodyBudget
 from .drain import InFlight
 from .errors import GatewayError
+from .fairness import FairSharing
 from .gauges import KeyedGauge
 from .hold import HeldStreamError, HoldQueue
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -95,6 +96,7 @@ class Gateway:
         self.holds = HoldQueue(settings, routes, self.in_flight, self.backends)
         self.proxy = Proxy(settings, metrics, self.backends, StreamRelay(settings, metrics, self.in_flight))
         self.quota = QuotaLimiter(settings.replicas)
+        self.fair = FairSharing(settings, metrics)
         self._per_key = KeyedGauge()  # API key name -> its requests in progress
 
     async def start(self) -> None:
@@ -247,7 +249,11 @@ class Gateway:
                         limits = self.quota.headers(key) if key.limited else None
                         ready = await self.holds.hold(request, route, model, key, fields.stream, mm, limits)
                         route, sse = ready.route, ready.sse
-                    return await self.proxy.forward(request, route, payload, mm, started, sse, reservation, ask_usage)
+                    # The slot is held until the answer is relayed whole, a stream's until it ends.
+                    async with self.fair.slot(route, key):
+                        return await self.proxy.forward(
+                            request, route, payload, mm, started, sse, reservation, ask_usage
+                        )
             except (GatewayError, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError):
                     if not self.in_flight.cutting:

@@ -182,6 +182,28 @@ def queue_full(model: str, retry_after: int) -> GatewayError:
     )
 
 
+def model_busy(model: str, retry_after: int) -> GatewayError:
+    return GatewayError(
+        429,
+        "model_busy",
+        f"The model '{model}' is at capacity and its fair queue is full (fair_queue_size); "
+        "retry later.",
+        type_=RATE_LIMIT,
+        retry_after=retry_after,
+    )
+
+
+def model_queue_timeout(model: str, waited: float, retry_after: int) -> GatewayError:
+    return GatewayError(
+        503,
+        "model_queue_timeout",
+        f"The model '{model}' stayed at capacity for the {waited:g}s this request may wait "
+        "(fair_queue_timeout); retry later.",
+        type_=SERVER_ERROR,
+        retry_after=retry_after,
+    )
+
+
 def model_not_ready(model: str, retry_after: int) -> GatewayError:
     return GatewayError(
         503,

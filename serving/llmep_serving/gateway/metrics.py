@@ -30,6 +30,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 # LLM requests range from a few ms (embeddings) to minutes (long generations).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Most admissions wait nothing (the first bucket); a saturated model's queue waits up to fair_queue_timeout.
+QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 _PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d{1,12})')
 _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d{1,12})')
@@ -107,6 +109,9 @@ class GatewayMetrics:
         self.key_requests: dict[tuple[str, str, str], int] = {}
         self.key_tokens: dict[tuple[str, str, str], int] = {}
         self.key_limited: dict[tuple[str, str, str], int] = {}
+        # Keyed by (key name, model): the fair queue's waiters now, and how long admitted ones waited.
+        self.key_queue_depth: dict[tuple[str, str], int] = {}
+        self.key_queue_waits: dict[tuple[str, str], Histogram] = {}
         self.routes_ready = 0
         self.routes_not_ready = 0
         self.registry.register(self)
@@ -137,6 +142,17 @@ class GatewayMetrics:
     def key_rate_limited(self, key: str, model: str, limit: str) -> None:
         labels = (key, model, limit)
         self.key_limited[labels] = self.key_limited.get(labels, 0) + 1
+
+    def key_queued(self, key: str, model: str, delta: int) -> None:
+        labels = (key, model)
+        self.key_queue_depth[labels] = self.key_queue_depth.get(labels, 0) + delta
+
+    def key_queue_wait(self, key: str, model: str, seconds: float) -> None:
+        labels = (key, model)
+        waits = self.key_queue_waits.get(labels)
+        if waits is None:
+            waits = self.key_queue_waits[labels] = Histogram(QUEUE_WAIT_BUCKETS)
+        waits.observe(seconds)
 
     def on_table(self, table: RoutingTable) -> None:
         self.routes_ready = sum(1 for route in table.by_name.values() if route.ready)
@@ -223,6 +239,21 @@ class GatewayMetrics:
         for family, counts in zip(per_key, (self.key_requests, self.key_tokens, self.key_limited), strict=True):
             for labels, count in list(counts.items()):
                 family.add_metric(list(labels), count)
+        depth = GaugeMetricFamily(
+            "llmep_gateway_key_queue_depth",
+            "Requests of an API key waiting in a saturated model's fair queue, by key name and model.",
+            labels=["key", "model"],
+        )
+        for (key, model), count in list(self.key_queue_depth.items()):
+            depth.add_metric([key, model], count)
+        waits = HistogramMetricFamily(
+            "llmep_gateway_key_queue_wait_seconds",
+            "Time an API key's requests waited in a model's fair queue before being forwarded "
+            "(0 when the model had room), by key name and model.",
+            labels=["key", "model"],
+        )
+        for (key, model), histogram in list(self.key_queue_waits.items()):
+            waits.add_metric([key, model], histogram.cumulative(), histogram.sum)
         routes = GaugeMetricFamily(
             "llmep_gateway_models",
             "Model names in the routing table, by readiness.",
@@ -230,4 +261,5 @@ class GatewayMetrics:
         )
         routes.add_metric(["true"], self.routes_ready)
         routes.add_metric(["false"], self.routes_not_ready)
-        yield from (in_flight, held, duration, ttft, prompt, completion, errors, retries, *per_key, routes)
+        yield from (in_flight, held, duration, ttft, prompt, completion, errors, retries)
+        yield from (*per_key, depth, waits, routes)

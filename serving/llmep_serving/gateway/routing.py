@@ -25,6 +25,7 @@ class Backend:
     extra_urls: tuple[str, ...] = ()  # further replicas of the same model (local mode)
     adapters: tuple[str, ...] = ()  # LoRA adapter names, which Ray Serve LLM knows as "<served>:<adapter>"
     progress: str = ""  # what the endpoint is doing while not ready (its Ready condition), for held streams
+    max_inflight: int | None = None  # requests in flight from this gateway at most; None: the setting
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Route:
     bases: tuple[str, ...] = ()  # every replica's base URL, ``base`` first; chosen round-robin
     parent: str | None = None  # a LoRA adapter's base model (its served name); None for a base model
     progress: str = ""  # Backend.progress
+    max_inflight: int | None = None  # Backend.max_inflight
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ def build_table(backends: Iterable[Backend], plain_name_namespaces: Collection[s
             bases=tuple(u.rstrip("/") for u in (backend.url, *backend.extra_urls)) if backend.url else (),
             parent=None if target.adapter is None else served,
             progress=backend.progress,
+            max_inflight=backend.max_inflight,
         )
         for name in owned:
             by_name[name] = route
@@ -149,10 +152,12 @@ def build_table(backends: Iterable[Backend], plain_name_namespaces: Collection[s
 
 
 def parse_routes(data: object) -> list[Backend]:
-    """Local-mode file content: a list of {models: [...], url: ..., ready: bool, adapters: [...]}.
+    """Local-mode file content: a list of {models: [...], url: ..., ready: bool, adapters: [...],
+    max_inflight: N}.
 
     ``url`` may be a list: replicas of the same model, used round-robin. ``adapters`` (optional)
-    names the LoRA adapters those replicas serve.
+    names the LoRA adapters those replicas serve. ``max_inflight`` (optional) is the model's
+    capacity for the fair queue, over the max_inflight_per_model setting.
     """
     if not isinstance(data, list):
         raise ValueError("routes file must hold a list of {models, url, ready} entries")
@@ -181,9 +186,19 @@ def parse_routes(data: object) -> list[Backend]:
                 created=now + index * 1e-6,
                 extra_urls=tuple(urls[1:]),
                 adapters=_parse_adapters(entry.get("adapters", []), models, index),
+                max_inflight=_parse_max_inflight(entry.get("max_inflight"), index),
             )
         )
     return backends
+
+
+def _parse_max_inflight(value: object, index: int) -> int | None:
+    if value is None:
+        return None
+    # bool is an int to Python, not a capacity.
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"routes entry {index}: 'max_inflight' must be a whole number >= 0 (0: no queue)")
+    return value
 
 
 def _parse_adapters(adapters: object, models: list[str], index: int) -> tuple[str, ...]:

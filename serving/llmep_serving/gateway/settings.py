@@ -179,6 +179,22 @@ class GatewaySettings(BaseSettings):
     max_concurrency_per_key: int = Field(
         256, ge=0, description="In-flight requests per API key; beyond that 429. 0: unlimited."
     )
+    max_inflight_per_model: int = Field(
+        0,
+        ge=0,
+        description="Requests this gateway has in flight to one model (being forwarded, answer being "
+        "relayed) at most; further requests wait in its fair queue and are let in by key priority, "
+        "then round-robin across keys. A local routes file entry's max_inflight overrides it. "
+        "0: no queue.",
+    )
+    fair_queue_size: int = Field(
+        256, ge=0, description="Requests waiting in one model's fair queue at most; beyond that 429 model_busy."
+    )
+    fair_queue_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a request waits in a model's fair queue before 503 model_queue_timeout.",
+    )
     replicas: int = Field(
         1,
         ge=1,
