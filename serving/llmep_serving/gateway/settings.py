@@ -27,7 +27,8 @@ class GatewaySettings(BaseSettings):
     )
     routes_file: Path | None = Field(
         None,
-        description="Local mode: YAML/JSON list of {models, url, ready}; reloaded on change. "
+        description="Local mode: YAML/JSON list of {models, url, ready, adapters, max_inflight}; "
+        "reloaded on change. "
         "Unset: routes come from LLMEndpoint objects in the cluster.",
     )
     keys_file: Path | None = Field(

@@ -17,7 +17,7 @@ from llmep_serving.gateway.auth import ApiKey, Priority
 from llmep_serving.gateway.errors import GatewayError
 from llmep_serving.gateway.fairness import PRIORITY_ORDER, FairQueue, FairSharing, Waiter
 from llmep_serving.gateway.metrics import GatewayMetrics
-from llmep_serving.gateway.routing import Route
+from llmep_serving.gateway.routing import Route, parse_routes
 from llmep_serving.gateway.settings import GatewaySettings
 from tests.unit.gateway.conftest import until
 
@@ -295,3 +295,9 @@ async def test_a_waiter_cancelled_after_it_was_handed_a_slot_passes_the_slot_on(
     third.cancel()
     await asyncio.gather(second, third, return_exceptions=True)
     assert queue.in_use == 0
+
+
+@pytest.mark.parametrize("value", [-1, True, "3", 1.5])
+def test_a_routes_file_max_inflight_must_be_a_whole_number(value: object) -> None:
+    with pytest.raises(ValueError, match="'max_inflight' must be a whole number >= 0"):
+        parse_routes([{"models": ["m"], "url": "http://127.0.0.1:9/v1", "max_inflight": value}])

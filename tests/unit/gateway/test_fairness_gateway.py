@@ -182,3 +182,18 @@ async def test_a_stream_holds_its_slot_until_it_ends(backend_factory, gateway_fa
     assert rest[-1] == "data: [DONE]"
     assert answer.status_code == 200
     assert [r["user"] for r in backend.requests] == ["stream", "plain"]
+
+
+async def test_a_routes_file_entry_with_max_inflight_0_has_no_queue(backend_factory, gateway_factory):
+    backend = await backend_factory("b", gate=asyncio.Event())
+    gw = await gateway_factory(
+        [{"models": ["m"], "url": backend.url, "max_inflight": 0}], KEYS, max_inflight_per_model=1
+    )
+    async with httpx.AsyncClient(timeout=10) as http:
+        both = [asyncio.create_task(chat(http, gw, "a", tag)) for tag in ("one", "two")]
+        await until(lambda: len(backend.requests) == 2)  # both reach the backend at once
+        backend.gate.set()
+        answers = await asyncio.gather(*both)
+
+    assert [a.status_code for a in answers] == [200, 200]
+    assert not gw.server.metrics.key_queue_waits
