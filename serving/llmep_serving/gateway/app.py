@@ -1,5 +1,6 @@
 """Request dispatch: health, readiness, model discovery and the forwarding path, which ties
-authentication, limits and body reading to holding (hold.py) and the proxy (proxy.py)."""
+authentication, limits and body reading to holding (hold.py), a saturated model's fair queue
+(fairness.py) and the proxy (proxy.py)."""
 
 from __future__ import annotations
 
