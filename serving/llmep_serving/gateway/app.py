@@ -247,8 +247,9 @@ class Gateway:
                     del body  # from here the payload holds the only reference, dropped once sent
                     mm = self.metrics.model(label)
                     if not route.ready:
-                        limits = self.quota.headers(key) if key.limited else None
-                        ready = await self.holds.hold(request, route, model, key, fields.stream, mm, limits)
+                        ready = await self.holds.hold(
+                            request, route, model, key, fields.stream, mm, reservation.headers
+                        )
                         route, sse = ready.route, ready.sse
                     # The slot is held until the answer is relayed whole, a stream's until it ends.
                     async with self.fair.slot(route, key):
