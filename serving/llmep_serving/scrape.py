@@ -60,6 +60,13 @@ def _metrics_port(pod: Any) -> int | None:
     return next((ports[name] for name in METRICS_PORTS if name in ports), None)
 
 
+def _api_reason(error: Exception) -> str:
+    """The API server's status and reason, or the transport's own words."""
+    from kubernetes.client.exceptions import ApiException
+
+    return f"{error.status} {error.reason}" if isinstance(error, ApiException) else str(error)
+
+
 def pod_gateways(namespace: str, selector: str) -> list[Gateway]:
     """Every Ready pod matching `selector` in `namespace`, read through the API server."""
     from kubernetes import client
@@ -75,9 +82,8 @@ def pod_gateways(namespace: str, selector: str) -> list[Gateway]:
     except ConfigException as error:
         raise ScrapeError(f"no cluster to ask: {error}. Set KUBECONFIG, or give gateways with --url") from None
     except (ApiException, HTTPError) as error:
-        reason = f"{error.status} {error.reason}" if isinstance(error, ApiException) else str(error)
         raise ScrapeError(
-            f"cannot list pods in namespace {namespace}: {reason}. Check that you may list pods there"
+            f"cannot list pods in namespace {namespace}: {_api_reason(error)}. Check that you may list pods there"
             f" (kubectl auth can-i list pods -n {namespace})"
         ) from None
     ready = [pod for pod in pods if _is_ready(pod)]
@@ -100,10 +106,10 @@ def pod_gateways(namespace: str, selector: str) -> list[Gateway]:
                     f"{name}:{port}", namespace, "metrics", _preload_content=False, _request_timeout=TIMEOUT_SECONDS
                 )
             except (ApiException, HTTPError) as error:
-                reason = f"{error.status} {error.reason}" if isinstance(error, ApiException) else str(error)
                 raise ScrapeError(
-                    f"cannot read {where} port {port} through the API server: {reason}. Check that the pod still"
-                    f" runs and that you may get pods/proxy (kubectl auth can-i get pods/proxy -n {namespace})"
+                    f"cannot read {where} port {port} through the API server: {_api_reason(error)}."
+                    " Check that the pod still runs and that you may get pods/proxy"
+                    f" (kubectl auth can-i get pods/proxy -n {namespace})"
                 ) from None
             return bytes(answer.data).decode("utf-8", "replace")
 
