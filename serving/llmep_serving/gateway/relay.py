@@ -126,72 +126,88 @@ class StreamRelay:
         first = True
         usage = None
         failed = False
+        delivered = False  # the client has the stream's final "data: [DONE]"
+        finished = False
         try:
-            while True:
-                try:
-                    chunk = await content.readany()
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    log.warning("stream from %s broke: %s", route.model, type(exc).__name__)
-                    failed = True
-                    break
-                if not chunk:
-                    break
-                data = pending + chunk if pending else chunk
-                # Forward whole events only, so a failure never leaves half an event behind.
-                end = complete_events_end(data)
-                if end == len(data):
-                    pending = b""
-                elif len(data) > MAX_PENDING_EVENT:
-                    pending = b""
-                else:
-                    pending, data = data[end:], data[:end]
-                    if not data:
-                        continue
-                if b'"usage"' in data:
-                    if strip_usage:
-                        data, found = without_usage_event(data)
-                        usage = found or usage
+            try:
+                while True:
+                    try:
+                        chunk = await content.readany()
+                    except (aiohttp.ClientError, TimeoutError) as exc:
+                        log.warning("stream from %s broke: %s", route.model, type(exc).__name__)
+                        failed = True
+                        break
+                    if not chunk:
+                        break
+                    data = pending + chunk if pending else chunk
+                    # Forward whole events only, so a failure never leaves half an event behind.
+                    end = complete_events_end(data)
+                    if end == len(data):
+                        pending = b""
+                    elif len(data) > MAX_PENDING_EVENT:
+                        pending = b""
+                    else:
+                        pending, data = data[end:], data[:end]
                         if not data:
                             continue
-                    else:
-                        usage = usage_from(data) or usage
-                if first:
-                    first = False
-                    mm.ttft.observe(loop.time() - started)
-                try:
-                    async with asyncio.timeout(write_timeout):
-                        await out.write(data)
-                except TimeoutError:
-                    # The client stopped reading: cancel the generation and free the key's slot.
-                    log.info("client of a %s stream read nothing for %.0fs; dropping it", route.model, write_timeout)
-                    self.metrics.error(route.model, "stream_write_timeout")
-                    resp.close()
-                    if request.transport is not None:
-                        request.transport.abort()
+                    if b'"usage"' in data:
+                        if strip_usage:
+                            data, found = without_usage_event(data)
+                            usage = found or usage
+                            if not data:
+                                continue
+                        else:
+                            usage = usage_from(data) or usage
+                    if first:
+                        first = False
+                        mm.ttft.observe(loop.time() - started)
+                    try:
+                        async with asyncio.timeout(write_timeout):
+                            await out.write(data)
+                    except TimeoutError:
+                        # The client stopped reading: cancel the generation and free the key's slot.
+                        log.info(
+                            "client of a %s stream read nothing for %.0fs; dropping it", route.model, write_timeout
+                        )
+                        self.metrics.error(route.model, "stream_write_timeout")
+                        resp.close()
+                        if request.transport is not None:
+                            request.transport.abort()
+                        return out
+                    except (ConnectionError, aiohttp.ClientConnectionError):
+                        resp.close()  # the client left: drop the backend connection so it stops work
+                        return out
+                    delivered = delivered or b"data: [DONE]" in data
+                if failed:
+                    self.metrics.error(route.model, "backend_stream_interrupted")
+                    await end_stream(
+                        out,
+                        errors.sse_error_event(
+                            f"The backend serving '{route.model}' failed mid-stream.",
+                            "backend_stream_interrupted",
+                        ),
+                    )
+                else:
+                    await end_stream(out, pending)
+                    finished = True
+            except asyncio.CancelledError:
+                resp.close()
+                if self.in_flight.cutting:
+                    gone = errors.shutting_down()
+                    self.metrics.error(route.model, gone.code)
+                    await end_stream(out, errors.sse_error_event(gone.message, gone.code, gone.type))
                     return out
-                except (ConnectionError, aiohttp.ClientConnectionError):
-                    resp.close()  # the client left: drop the backend connection so it stops work
-                    return out
-        except asyncio.CancelledError:
-            if not self.in_flight.cutting:
-                raise
-            resp.close()
-            gone = errors.shutting_down()
-            self.metrics.error(route.model, gone.code)
-            await end_stream(out, errors.sse_error_event(gone.message, gone.code, gone.type))
-            return out
-        if failed:
-            self.metrics.error(route.model, "backend_stream_interrupted")
-            await end_stream(
-                out,
-                errors.sse_error_event(
-                    f"The backend serving '{route.model}' failed mid-stream.",
-                    "backend_stream_interrupted",
-                ),
-            )
-        else:
-            await end_stream(out, pending)
-        if usage is not None or not failed:
-            settle(reservation, usage, mm, self.metrics)
+                if not delivered:
+                    raise  # the client left mid-stream
+                # Clients such as the openai SDK close the connection once they read [DONE], which
+                # can cancel this handler before the backend's own end arrives: the answer is whole.
+                finished = True
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+        finally:
+            # Charged whenever the usage is known, even if the client left after its usage chunk.
+            if usage is not None or finished:
+                settle(reservation, usage, mm, self.metrics)
         mm.duration.observe(loop.time() - started)
         return out

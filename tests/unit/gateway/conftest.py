@@ -38,6 +38,7 @@ class FakeBackend:
     gate: asyncio.Event | None = None  # non-streaming answers wait until the test sets it
     chunk_gate: asyncio.Semaphore | None = None  # each stream chunk after the first waits for a release
     chunks_sent: int = 0  # stream chunks written so far, over all streams
+    eof_gate: asyncio.Event | None = None  # a stream's end, after its [DONE], waits until the test sets it
     requests: list[dict[str, Any]] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
@@ -122,6 +123,8 @@ class FakeBackend:
             "usage": {"prompt_tokens": 5, "completion_tokens": self.chunks, "total_tokens": 9},
         }
         await resp.write(b"data: " + json.dumps(final).encode() + b"\n\ndata: [DONE]\n\n")
+        if self.eof_gate is not None:
+            await self.eof_gate.wait()
         await resp.write_eof()
         return resp
 

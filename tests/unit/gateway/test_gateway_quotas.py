@@ -186,6 +186,40 @@ async def test_a_stream_asks_for_usage_settles_it_and_strips_the_chunk_the_clien
     assert b'"usage"' not in raw and raw.endswith(b"data: [DONE]\n\n")
 
 
+@pytest.mark.parametrize(
+    "include_usage", [False, True], ids=["usage-asked-by-the-gateway", "usage-asked-by-the-client"]
+)
+async def test_a_stream_whose_client_closes_after_done_is_charged_and_counted_as_answered(
+    backend_factory, gateway_factory, include_usage
+):
+    # The openai SDK closes its connection once it reads [DONE]; the backend's own end (held here
+    # until the client is gone) may come later, and the answer must still be charged in full.
+    backend = await backend_factory("b", eof_gate=asyncio.Event())
+    gw = await gateway_factory(
+        [{"models": ["m"], "url": backend.url, "ready": True}],
+        keys=[{"name": "a", "key": "sk-a", "tpm": 6000, "tokens_per_day": 1000}],
+    )
+    fields: dict[str, object] = {"stream": True, "max_tokens": 20}
+    if include_usage:
+        fields["stream_options"] = {"include_usage": True}
+    lines = []
+    async with httpx.AsyncClient(timeout=30) as h:
+        async with h.stream(
+            "POST", f"{gw.url}/chat/completions", content=body(**fields), headers={"Authorization": "Bearer sk-a"}
+        ) as stream:
+            async for line in stream.aiter_lines():
+                lines.append(line)
+                if line == "data: [DONE]":
+                    break
+    assert lines[-1] == "data: [DONE]" and not backend.eof_gate.is_set()
+
+    await until(lambda: gw.server.metrics.key_requests.get(("a", "m", "200")) == 1)
+    assert gw.server.metrics.key_tokens == {("a", "m", "prompt"): 5, ("a", "m", "completion"): 3}
+    assert gw.server.gateway.quota._quotas["a"].daily.used == 8
+    assert ("a", "m", "499") not in gw.server.metrics.key_requests
+    backend.eof_gate.set()
+
+
 async def test_the_daily_budget_answers_insufficient_quota_until_midnight_utc(backend_factory, gateway_factory):
     _, _, gw = await gateway(backend_factory, gateway_factory, [{"name": "a", "key": "sk-a", "tokens_per_day": 50}])
     small = body(max_tokens=5)
