@@ -26,6 +26,7 @@ from .errors import GatewayError
 MINUTE = 60.0
 DAY = 86400
 BYTES_PER_TOKEN = 4  # OpenAI's rule of thumb for a prompt estimate, over the whole body
+ROUNDING = 1e-6  # of a request or token: far below one, far above float error on a day's refill
 
 
 def prompt_estimate(body_bytes: int) -> int:
@@ -73,7 +74,9 @@ class Bucket:
 
     def wait(self, cost: float) -> float:
         """Seconds until the bucket holds ``cost``, or is full when ``cost`` is more than it holds."""
-        return max(0.0, (min(cost, self.capacity) - self.level) / self.rate)
+        short = min(cost, self.capacity) - self.level
+        # A shortfall from float rounding alone (a client that waited exactly Retry-After) is none.
+        return 0.0 if short <= ROUNDING else short / self.rate
 
     def reset_in(self) -> float:
         return (self.capacity - self.level) / self.rate
