@@ -70,6 +70,7 @@ async def test_gateway_follows_endpoints_and_key_secrets_live(cluster, namespace
             hold_deadline=30,
             wake_backend=False,
             backend_url_template=url,
+            replicas=2,
         )
     )
     await server.start()
@@ -83,6 +84,8 @@ async def test_gateway_follows_endpoints_and_key_secrets_live(cluster, namespace
             return [m.id async for m in c.models.list()]
 
         assert sorted(await eventually(routed)) == ["chat-default", "qwen-small"]
+        # One ready replica taking 4 × targetQueueDepth (default 8) at once, split over 2 gateways.
+        assert server.routes.table.lookup("qwen-small").max_inflight == 16
         async with httpx.AsyncClient() as h:
             assert (await h.get(f"http://127.0.0.1:{server.port}/readyz")).status_code == 200
         with pytest.raises(openai.AuthenticationError):

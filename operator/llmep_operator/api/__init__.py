@@ -26,6 +26,7 @@ from llmep_operator.api.models import (
     SecretKeyRef,
     SecretRef,
     adapter_names_of,
+    capacity_of,
     model_ids_of,
 )
 from llmep_operator.api.sources import SourceScheme, SourceURI, parse_source
@@ -60,6 +61,7 @@ __all__ = [
     "SourceURI",
     "SpecError",
     "adapter_names_of",
+    "capacity_of",
     "model_ids_of",
     "parse_endpoint",
     "parse_source",

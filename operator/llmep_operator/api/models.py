@@ -855,6 +855,26 @@ def adapter_names_of(body: Mapping[str, Any]) -> list[str]:
     return [n for n in names if isinstance(n, str) and n]
 
 
+def capacity_of(body: Mapping[str, Any]) -> int | None:
+    """Requests a stored LLMEndpoint's ready replicas take at once (status.replicas.ready ×
+    spec.autoscaling.maxOngoingRequests, whose default is 4 × targetQueueDepth), read from its raw
+    body; None while the status counts no ready replica or the fields are malformed."""
+    replicas = (body.get("status") or {}).get("replicas")
+    ready = replicas.get("ready") if isinstance(replicas, Mapping) else None
+    if not isinstance(ready, int) or isinstance(ready, bool) or ready <= 0:
+        return None
+    autoscaling = (body.get("spec") or {}).get("autoscaling") or {}
+    if not isinstance(autoscaling, Mapping):
+        return None
+    per_replica = autoscaling.get("maxOngoingRequests")
+    if per_replica is None:
+        depth = autoscaling.get("targetQueueDepth", AutoscalingSpec.model_fields["target_queue_depth"].default)
+        per_replica = 4 * depth if isinstance(depth, int) and not isinstance(depth, bool) else None
+    if not isinstance(per_replica, int) or isinstance(per_replica, bool) or per_replica <= 0:
+        return None
+    return ready * per_replica
+
+
 def model_ids_of(body: Mapping[str, Any]) -> list[str]:
     """The model ids a stored LLMEndpoint answers to (servedName, else metadata.name, then
     aliases), read from its raw body: also for one that does not parse, whose status says why."""

@@ -252,7 +252,7 @@ class Gateway:
                         )
                         route, sse = ready.route, ready.sse
                     # The slot is held until the answer is relayed whole, a stream's until it ends.
-                    async with self.fair.slot(route, key):
+                    async with self.fair.slot(route, key, sse):
                         return await self.proxy.forward(
                             request, route, payload, mm, started, sse, reservation, ask_usage
                         )

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import get_args
 
+from aiohttp import web
+
 from . import errors
 from .auth import ApiKey, Priority
 from .metrics import GatewayMetrics
@@ -140,10 +142,13 @@ class FairSharing:
         """Requests the route's backend may have in flight from this gateway; 0: no queue."""
         return self.settings.max_inflight_per_model if route.max_inflight is None else route.max_inflight
 
-    def slot(self, route: Route, key: ApiKey) -> AbstractAsyncContextManager[None]:
-        """A slot of the route's backend for the request, or nothing to wait for when it has no capacity set."""
+    def slot(
+        self, route: Route, key: ApiKey, sse: web.StreamResponse | None = None
+    ) -> AbstractAsyncContextManager[None]:
+        """A slot of the route's backend for the request, or nothing to wait for when it has no
+        capacity set. ``sse``: a held stream's response, already started, kept alive while it waits."""
         capacity = self.capacity(route)
-        return Slot(self, route, key, capacity) if capacity else NO_QUEUE
+        return Slot(self, route, key, capacity, sse) if capacity else NO_QUEUE
 
     def queue(self, route: Route, capacity: int) -> FairQueue:
         queue = self._queues.get(route.key)
@@ -165,13 +170,16 @@ class Slot:
     model_queue_timeout after fair_queue_timeout seconds of waiting.
     """
 
-    __slots__ = ("capacity", "key", "queue", "route", "sharing")
+    __slots__ = ("capacity", "key", "queue", "route", "sharing", "sse")
 
-    def __init__(self, sharing: FairSharing, route: Route, key: ApiKey, capacity: int) -> None:
+    def __init__(
+        self, sharing: FairSharing, route: Route, key: ApiKey, capacity: int, sse: web.StreamResponse | None
+    ) -> None:
         self.sharing = sharing
         self.route = route
         self.key = key
         self.capacity = capacity
+        self.sse = sse
         self.queue: FairQueue | None = None
 
     async def __aenter__(self) -> None:
@@ -196,6 +204,7 @@ class Slot:
             raise errors.model_busy(route.model, s.retry_after_seconds)
         started = loop.time()
         sharing.metrics.key_queued(key.name, route.model, 1)
+        beat = None if self.sse is None else asyncio.create_task(self._keep_alive(self.sse, s.hold_keepalive_interval))
         try:
             async with asyncio.timeout(s.fair_queue_timeout):
                 await future
@@ -213,8 +222,20 @@ class Slot:
             raise
         finally:
             sharing.metrics.key_queued(key.name, route.model, -1)
+            if beat is not None:
+                beat.cancel()
         self.queue = queue
         sharing.metrics.key_queue_wait(key.name, route.model, loop.time() - started)
+
+    async def _keep_alive(self, sse: web.StreamResponse, interval: float) -> None:
+        """SSE comments to a held stream while it waits, so no proxy drops it as idle."""
+        comment = f": keep-alive; waiting for a free slot of {self.route.model}\n\n".encode()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await sse.write(comment)
+            except ConnectionError:
+                return  # the client left; its request is cancelled and withdrawn
 
     async def __aexit__(self, *exc: object) -> None:
         queue = self.queue

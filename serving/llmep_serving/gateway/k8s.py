@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from llmep_operator.api import GROUP, PLURAL, VERSION, ConditionType, adapter_names_of, model_ids_of
+from llmep_operator.api import GROUP, PLURAL, VERSION, ConditionType, adapter_names_of, capacity_of, model_ids_of
 from llmep_operator.api.conditions import condition, is_true
 
 from .auth import KEY_LABEL, ApiKey, key_from_secret
@@ -59,7 +59,9 @@ def _progress(status: Mapping[str, Any]) -> str:
     return f"{ready['reason']}: {message}"[:300] if message else str(ready["reason"])
 
 
-def endpoint_to_backend(obj: Mapping[str, Any], url_template: str = DEFAULT_BACKEND_URL_TEMPLATE) -> Backend | None:
+def endpoint_to_backend(
+    obj: Mapping[str, Any], url_template: str = DEFAULT_BACKEND_URL_TEMPLATE, share_of: int | None = None
+) -> Backend | None:
     """One LLMEndpoint to a backend, or None when it names no model at all.
 
     Names come from ``status.models``; before the operator has written them, from the spec
@@ -69,7 +71,8 @@ def endpoint_to_backend(obj: Mapping[str, Any], url_template: str = DEFAULT_BACK
     send the endpoint's traffic (prompts, keys' requests) to another address. It is used only
     once the operator has published one, which says the Serve Service exists. LoRA adapters
     come from ``spec.lora.adapters`` and are ready whenever the endpoint is: a replica loads an
-    adapter on its first request.
+    adapter on its first request. With ``share_of`` (the number of gateway replicas), the backend's
+    fair-queue capacity is this gateway's share of what the endpoint's ready replicas take at once.
     """
     meta = obj.get("metadata") or {}
     status = obj.get("status") or {}
@@ -91,13 +94,23 @@ def endpoint_to_backend(obj: Mapping[str, Any], url_template: str = DEFAULT_BACK
         name=name,
         created=_created(meta),
         adapters=tuple(adapter_names_of(obj)),
+        max_inflight=_share(capacity_of(obj), share_of),
     )
 
 
+def _share(capacity: int | None, gateways: int | None) -> int | None:
+    """One gateway replica's part of an endpoint's capacity, rounded up so a small one still admits."""
+    if capacity is None or gateways is None:
+        return None
+    return -(-capacity // gateways)
+
+
 def backends_from_endpoints(
-    objects: Iterable[Mapping[str, Any]], url_template: str = DEFAULT_BACKEND_URL_TEMPLATE
+    objects: Iterable[Mapping[str, Any]],
+    url_template: str = DEFAULT_BACKEND_URL_TEMPLATE,
+    share_of: int | None = None,
 ) -> list[Backend]:
-    return [b for b in (endpoint_to_backend(o, url_template) for o in objects) if b is not None]
+    return [b for b in (endpoint_to_backend(o, url_template, share_of) for o in objects) if b is not None]
 
 
 def keys_from_secrets(objects: Iterable[Mapping[str, Any]]) -> list[ApiKey]:
@@ -134,6 +147,7 @@ class KubeSource:
         on_backends: Callable[[list[Backend]], None],
         on_keys: Callable[[list[ApiKey]], None] | None,
         url_template: str = DEFAULT_BACKEND_URL_TEMPLATE,
+        capacity_share_of: int | None = None,
         request_timeout: float = 10.0,
         watch_seconds: int = 30,
         retry_max_delay: float = 30.0,
@@ -145,6 +159,7 @@ class KubeSource:
         # Per list/watch loop: monotonic time of its last successful list, event or watch end.
         self._synced: dict[str, float | None] = {}
         self.url_template = url_template
+        self.capacity_share_of = capacity_share_of  # gateway replicas splitting each endpoint's capacity
         self.namespace = namespace
         self.watch_namespaces = watch_namespaces or [namespace]
         self.on_backends = on_backends
@@ -204,7 +219,9 @@ class KubeSource:
     def _endpoints_changed(self, ns: str, objects: list[dict[str, Any]]) -> None:
         self._by_namespace[ns] = objects
         self.on_backends(
-            backends_from_endpoints((o for objs in self._by_namespace.values() for o in objs), self.url_template)
+            backends_from_endpoints(
+                (o for objs in self._by_namespace.values() for o in objs), self.url_template, self.capacity_share_of
+            )
         )
 
     def _spawn(

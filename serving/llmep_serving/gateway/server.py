@@ -191,6 +191,7 @@ class GatewayServer:
                 on_backends=set_backends,
                 on_keys=self.keys.replace if s.keys_file is None else None,
                 url_template=s.backend_url_template,
+                capacity_share_of=s.replicas if s.endpoint_capacity else None,
                 request_timeout=s.kube_request_timeout,
                 watch_seconds=s.kube_watch_seconds,
                 retry_max_delay=s.kube_retry_max_delay,

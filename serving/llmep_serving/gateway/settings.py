@@ -185,8 +185,15 @@ class GatewaySettings(BaseSettings):
         ge=0,
         description="Requests this gateway has in flight to one model (being forwarded, answer being "
         "relayed) at most; further requests wait in its fair queue and are let in by key priority, "
-        "then round-robin across keys. A local routes file entry's max_inflight overrides it. "
-        "0: no queue.",
+        "then round-robin across keys. A local routes file entry's max_inflight, or in cluster mode "
+        "an endpoint's own capacity (endpoint_capacity), overrides it. 0: no queue.",
+    )
+    endpoint_capacity: bool = Field(
+        True,
+        description="Cluster mode: an LLMEndpoint's fair-queue capacity is what its ready replicas take "
+        "at once (status.replicas.ready x spec.autoscaling.maxOngoingRequests), split evenly over "
+        "`replicas` gateway replicas, so a saturated endpoint queues here, by key priority, rather "
+        "than in Ray Serve. false: max_inflight_per_model applies to every endpoint.",
     )
     fair_queue_size: int = Field(
         256, ge=0, description="Requests waiting in one model's fair queue at most; beyond that 429 model_busy."

@@ -197,3 +197,37 @@ async def test_a_routes_file_entry_with_max_inflight_0_has_no_queue(backend_fact
 
     assert [a.status_code for a in answers] == [200, 200]
     assert not gw.server.metrics.key_queue_waits
+
+
+async def test_a_held_stream_waiting_for_a_slot_keeps_getting_keep_alives(backend_factory, gateway_factory):
+    """A stream held while its model started already has its 200: while it then waits in the fair
+    queue it gets SSE comments, so no proxy in between drops it as idle."""
+    backend = await backend_factory("b", chunks=2, gate=asyncio.Event())
+    ready = {"models": ["m"], "url": backend.url, "max_inflight": 1}
+    gw = await gateway_factory([ready], KEYS, hold_keepalive_interval=0.05, wake_backend=False)
+    body = {"model": "m", "messages": [], "stream": True, "user": "stream"}
+    comments = []
+    async with httpx.AsyncClient(timeout=10) as http:
+        busy = asyncio.create_task(chat(http, gw, "a", "busy"))  # holds the one slot until the gate opens
+        await until(lambda: len(backend.requests) == 1)
+        await gw.set_routes([{**ready, "ready": False}])
+        async with http.stream(
+            "POST", f"{gw.url}/chat/completions", json=body, headers={"Authorization": "Bearer sk-b"}
+        ) as stream:
+            events = []
+            async for line in stream.aiter_lines():
+                if line.startswith(":"):
+                    comments.append(line)
+                    if comments == [": keep-alive"]:
+                        await gw.set_routes([ready])  # ready now, but its one slot is taken
+                    if len(comments) == 4:
+                        backend.gate.set()
+                elif line:
+                    events.append(line)
+        answer = await busy
+
+    assert comments[0] == ": keep-alive"
+    assert comments[-1] == ": keep-alive; waiting for a free slot of m"
+    assert depth(gw, "b") == 0
+    assert [r["user"] for r in backend.requests] == ["busy", "stream"]
+    assert answer.status_code == 200 and events[-1] == "data: [DONE]" and len(events) == 4

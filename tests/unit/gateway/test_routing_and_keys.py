@@ -67,6 +67,28 @@ def test_ready_endpoint_routes_its_name_and_aliases_to_its_serve_service():
     )
 
 
+@pytest.mark.parametrize(
+    ("autoscaling", "ready", "gateways", "capacity"),
+    [
+        ({}, 1, 1, 32),  # maxOngoingRequests defaults to 4 × targetQueueDepth (8)
+        ({"targetQueueDepth": 3}, 2, 1, 24),
+        ({"targetQueueDepth": 3, "maxOngoingRequests": 5}, 2, 2, 5),
+        ({"maxOngoingRequests": 5}, 3, 4, 4),  # 15 over 4 gateways: each admits 4, rounded up
+        ({"maxOngoingRequests": 1}, 1, 3, 1),  # never 0, which would mean no queue at all
+        ({}, 0, 1, None),  # no ready replica: held, not queued
+        ({"maxOngoingRequests": "lots"}, 1, 1, None),  # a body the API server would refuse
+    ],
+)
+def test_an_endpoints_capacity_is_its_ready_replicas_times_max_ongoing_split_over_the_gateways(
+    autoscaling, ready, gateways, capacity
+):
+    obj = endpoint("qwen-7b", replicas=ready)
+    obj["spec"]["autoscaling"] = autoscaling
+
+    assert endpoint_to_backend(obj, share_of=gateways).max_inflight == capacity
+    assert endpoint_to_backend(obj).max_inflight is None  # endpoint_capacity off: the setting applies
+
+
 @pytest.mark.parametrize("forged", ["http://collector.evil.example/v1", "http://other-serve.team-b.svc:8000/v1"])
 def test_a_forged_status_url_cannot_redirect_the_traffic(forged):
     """Whoever may write the status subresource must not pick where prompts go."""
