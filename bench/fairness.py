@@ -17,7 +17,7 @@ queue on) and one without (off).
 Targets: interactive TTFT under flood <= 2x idle; equal keys' shares within 10% of each other.
 Everything runs in one event loop on 127.0.0.1 and stops by itself.
 
-    .venv/bin/python bench/fairness.py [--capacity 8] [--samples 30] [--seconds 5]
+    .venv/bin/python bench/fairness.py [--capacity 8] [--samples 30] [--seconds 5] [--reserve 0.125]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import tempfile
@@ -100,7 +101,7 @@ class Engine:
 
 
 @asynccontextmanager
-async def gateway(backend: str, capacity: int, tmp: Path) -> AsyncIterator[str]:
+async def gateway(backend: str, capacity: int, reserve: float, tmp: Path) -> AsyncIterator[str]:
     routes, keys = tmp / f"routes-{capacity}.yaml", tmp / "keys.yaml"
     routes.write_text(yaml.safe_dump([{"models": ["m"], "url": backend}]))
     keys.write_text(yaml.safe_dump([{"name": n, "key": f"sk-{n}", "priority": p} for n, p in KEYS.items()]))
@@ -110,6 +111,7 @@ async def gateway(backend: str, capacity: int, tmp: Path) -> AsyncIterator[str]:
         routes_file=routes,
         keys_file=keys,
         max_inflight_per_model=capacity,
+        fair_high_priority_reserve=reserve,
         log_level="WARNING",
     )
     server = GatewayServer(settings)
@@ -196,8 +198,8 @@ async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         async with (
             engine.serving() as backend,
-            gateway(backend, args.capacity, Path(tmp)) as on,
-            gateway(backend, 0, Path(tmp)) as off,
+            gateway(backend, args.capacity, args.reserve, Path(tmp)) as on,
+            gateway(backend, 0, args.reserve, Path(tmp)) as off,
             aiohttp.ClientSession(connector=connector) as http,
         ):
             for url in (on, off):  # warm both paths' connection pools
@@ -245,11 +247,22 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=30, help="interactive requests per phase")
     parser.add_argument("--seconds", type=float, default=5, help="length of each shares window")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--reserve",
+        type=float,
+        default=GatewaySettings.model_fields["fair_high_priority_reserve"].default,
+        help="fair_high_priority_reserve (default: the gateway's)",
+    )
     args = parser.parse_args()
     print(
         f"engine: {args.capacity} sequences at once, {args.prefill_ms:g} ms prefill, {args.token_ms:g} ms a token; "
         f"interactive: {args.tokens} tokens, batch: {args.tokens // 2}-{args.tokens * 3 // 2}; "
         f"flood: {args.flood} outstanding; load average {os.getloadavg()[0]:.1f}"
+    )
+    held = min(args.capacity - 1, math.ceil(args.capacity * args.reserve))
+    print(
+        f"fair_high_priority_reserve {args.reserve:g}: {held} of {args.capacity} slots held back from the other "
+        "keys while the high key has asked within a minute (in the shares window too: it asked just before)"
     )
     asyncio.run(run(args))
     return 0

@@ -7,11 +7,16 @@ One queue per backend (a model and its LoRA adapters run on the same replicas); 
 replica queues on its own. A slot is taken with ``async with`` and given back however the block
 ends; a waiter that is cancelled (its client left, the shutdown cut it) or times out leaves the
 queue and never holds a slot.
+
+While a ``high`` key has asked for a model within the last minute, a share of the model's slots
+(fair_high_priority_reserve) is held back from the other classes, so an interactive request
+finds a free slot instead of waiting for a running sequence to end: the gateway cannot preempt one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
@@ -26,6 +31,8 @@ from .routing import Route
 from .settings import GatewaySettings
 
 PRIORITY_ORDER: tuple[Priority, ...] = get_args(Priority)  # high, normal, low: the order served
+HIGH: Priority = PRIORITY_ORDER[0]
+HIGH_ACTIVE_S = 60.0  # a high-priority key keeps its reserve this long after its last request
 
 QUEUED, ADMITTED, GONE = "queued", "admitted", "gone"
 NO_QUEUE: AbstractAsyncContextManager[None] = nullcontext()  # a model without a capacity forwards at once
@@ -51,22 +58,31 @@ class FairQueue:
     while it has more waiting, and a key that starts waiting joins at the back.
     """
 
-    __slots__ = ("_classes", "capacity", "in_use", "size", "waiting")
+    __slots__ = ("_classes", "capacity", "in_use", "reserved", "size", "waiting")
 
     def __init__(self, capacity: int, size: int) -> None:
         self.capacity = capacity
         self.size = size  # waiters at most
         self.in_use = 0
         self.waiting = 0
+        self.reserved = 0  # slots only high-priority requests may take now
         self._classes: dict[Priority, OrderedDict[str, deque[Waiter]]] = {p: OrderedDict() for p in PRIORITY_ORDER}
 
     @property
     def idle(self) -> bool:
         return not self.in_use and not self.waiting
 
-    def try_take(self) -> bool:
-        """Take a slot at once; never past a waiter, so arriving requests cannot overtake the queue."""
-        if self.waiting or self.in_use >= self.capacity:
+    def limit(self, priority: Priority) -> int:
+        """Slots a request of ``priority`` may be let into."""
+        return self.capacity if priority == HIGH else self.capacity - self.reserved
+
+    def try_take(self, priority: Priority = "normal") -> bool:
+        """Take a slot at once; never past a waiter of the same or a higher class, so arriving
+        requests cannot overtake the queue (a lower class waits behind them anyway)."""
+        if self.in_use >= self.limit(priority):
+            return False
+        rank = PRIORITY_ORDER.index(priority)
+        if any(self._classes[p] for p in PRIORITY_ORDER[: rank + 1]):
             return False
         self.in_use += 1
         return True
@@ -101,13 +117,18 @@ class FairQueue:
         self.in_use -= 1
         self._grant()
 
-    def resize(self, capacity: int) -> None:
-        """The capacity changed (routes or settings reloaded); more room lets waiters in now."""
+    def resize(self, capacity: int, reserved: int | None = None) -> None:
+        """The capacity or the reserve changed; more room lets waiters in now."""
         self.capacity = capacity
+        if reserved is not None:
+            self.reserved = reserved
         self._grant()
 
     def _grant(self) -> None:
-        while self.in_use < self.capacity and self.waiting:
+        while self.waiting:
+            priority = next(p for p in PRIORITY_ORDER if self._classes[p])
+            if self.in_use >= self.limit(priority):
+                return
             waiter = self._next()
             if waiter.admit():
                 waiter.state = ADMITTED
@@ -137,6 +158,7 @@ class FairSharing:
         self.settings = settings
         self.metrics = metrics
         self._queues: dict[str, FairQueue] = {}  # by route key: a model and its adapters share one
+        self._high_seen: dict[str, float] = {}  # by route key: when a high-priority key last asked
 
     def capacity(self, route: Route) -> int:
         """Requests the route's backend may have in flight from this gateway; 0: no queue."""
@@ -150,17 +172,27 @@ class FairSharing:
         capacity = self.capacity(route)
         return Slot(self, route, key, capacity, sse) if capacity else NO_QUEUE
 
-    def queue(self, route: Route, capacity: int) -> FairQueue:
+    def queue(self, route: Route, capacity: int, priority: Priority, now: float) -> FairQueue:
+        """The route's queue, its capacity and high-priority reserve brought up to date."""
+        if priority == HIGH:
+            self._high_seen[route.key] = now
+        reserved = 0
+        if now - self._high_seen.get(route.key, -math.inf) < HIGH_ACTIVE_S:
+            reserved = min(capacity - 1, math.ceil(capacity * self.settings.fair_high_priority_reserve))
         queue = self._queues.get(route.key)
         if queue is None:
             queue = self._queues[route.key] = FairQueue(capacity, self.settings.fair_queue_size)
-        elif queue.capacity != capacity:
-            queue.resize(capacity)
+            queue.reserved = reserved
+        elif queue.capacity != capacity or queue.reserved != reserved:
+            queue.resize(capacity, reserved)
         return queue
 
     def forget_if_idle(self, route: Route, queue: FairQueue) -> None:
         if queue.idle and self._queues.get(route.key) is queue:
             del self._queues[route.key]
+            seen = self._high_seen.get(route.key)
+            if seen is not None and asyncio.get_running_loop().time() - seen >= HIGH_ACTIVE_S:
+                del self._high_seen[route.key]  # removed endpoints leave nothing behind
 
 
 class Slot:
@@ -185,12 +217,12 @@ class Slot:
     async def __aenter__(self) -> None:
         sharing, route, key = self.sharing, self.route, self.key
         s = sharing.settings
-        queue = sharing.queue(route, self.capacity)
-        if queue.try_take():
+        loop = asyncio.get_running_loop()
+        queue = sharing.queue(route, self.capacity, key.priority, loop.time())
+        if queue.try_take(key.priority):
             self.queue = queue
             sharing.metrics.key_queue_wait(key.name, route.model, 0.0)
             return
-        loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
 
         def admit() -> bool:

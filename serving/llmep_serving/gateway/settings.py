@@ -195,6 +195,15 @@ class GatewaySettings(BaseSettings):
         "`replicas` gateway replicas, so a saturated endpoint queues here, by key priority, rather "
         "than in Ray Serve. false: max_inflight_per_model applies to every endpoint.",
     )
+    fair_high_priority_reserve: float = Field(
+        0.125,
+        ge=0,
+        lt=1,
+        description="Share of a model's fair-queue capacity (rounded up, always leaving one slot) held "
+        "back from normal and low keys while a high-priority key has asked for that model within the "
+        "last minute, so its requests find a free slot rather than wait for a running one to end. "
+        "0: none.",
+    )
     fair_queue_size: int = Field(
         256, ge=0, description="Requests waiting in one model's fair queue at most; beyond that 429 model_busy."
     )

@@ -250,8 +250,8 @@ async def _run_plan(plan: list[tuple[str, Priority, bool, int]], steps: list[int
     assert all(r.code == "model_busy" and r.status == 429 for r in refused)
     assert all(r is None or isinstance(r, GatewayError | asyncio.CancelledError) for r in results)
     assert len(refused) <= max(0, len(plan) - capacity - size)
-    leftover = sharing.queue(ROUTE, capacity)
-    assert (leftover.in_use, leftover.waiting) == (0, 0), "a slot or a waiter leaked"
+    leftover = sharing._queues.get(ROUTE.key)
+    assert leftover is None, f"a slot or a waiter leaked: {leftover.in_use} in use, {leftover.waiting} waiting"
     waits = sharing.metrics.key_queue_waits
     assert sum(sum(h.counts) for h in waits.values()) == len(entered)
     assert all(depth == 0 for depth in sharing.metrics.key_queue_depth.values())
@@ -266,7 +266,7 @@ async def test_a_wait_past_fair_queue_timeout_is_503_and_leaves_the_queue() -> N
         with pytest.raises(GatewayError) as err:
             async with sharing.slot(ROUTE, key):
                 pass
-        queue = sharing.queue(ROUTE, 1)
+        queue = sharing._queues[ROUTE.key]
         assert (queue.in_use, queue.waiting) == (1, 0)
     assert (err.value.status, err.value.code, err.value.retry_after) == (503, "model_queue_timeout", 3)
 
@@ -285,7 +285,7 @@ async def test_a_waiter_cancelled_after_it_was_handed_a_slot_passes_the_slot_on(
             await asyncio.Event().wait()
 
     second, third = asyncio.create_task(wait("second")), asyncio.create_task(wait("third"))
-    queue = sharing.queue(ROUTE, 1)
+    queue = sharing._queues[ROUTE.key]
     await until(lambda: queue.waiting == 2)
     await first.__aexit__(None, None, None)  # hands the slot to the second, which has not run yet
     second.cancel()
@@ -302,3 +302,33 @@ async def test_a_waiter_cancelled_after_it_was_handed_a_slot_passes_the_slot_on(
 def test_a_routes_file_max_inflight_must_be_a_whole_number(value: object) -> None:
     with pytest.raises(ValueError, match="'max_inflight' must be a whole number >= 0"):
         parse_routes([{"models": ["m"], "url": "http://127.0.0.1:9/v1", "max_inflight": value}])
+
+
+def test_slots_held_for_high_priority_let_it_in_while_lower_classes_wait() -> None:
+    queue = FairQueue(capacity=4, size=10)
+    queue.reserved = 1
+    order: list[str] = []
+    assert [queue.try_take("low") for _ in range(4)] == [True, True, True, False]
+    queue.enqueue("batch", "low", lambda: order.append("batch") is None)
+    assert queue.try_take("high")  # the held slot, past the waiting low request
+    assert not queue.try_take("high")  # full now: a second high request waits
+    queue.enqueue("urgent", "high", lambda: order.append("urgent") is None)
+    queue.release()
+    assert order == ["urgent"]  # a freed slot goes to the high class first
+    queue.release()
+    queue.release()
+    assert order == ["urgent", "batch"]  # low is let in only below capacity - reserved
+    assert queue.in_use == 3
+    queue.resize(4, reserved=0)  # the high key went quiet: the held slot is everyone's again
+    assert queue.try_take("low") and queue.in_use == 4
+
+
+def test_the_reserve_follows_a_high_priority_keys_activity() -> None:
+    sharing = FairSharing(
+        GatewaySettings(max_inflight_per_model=8, fair_high_priority_reserve=0.25), GatewayMetrics()
+    )
+    assert sharing.queue(ROUTE, 8, "low", now=0.0).reserved == 0  # no high key has asked
+    assert sharing.queue(ROUTE, 8, "high", now=1.0).reserved == 2
+    assert sharing.queue(ROUTE, 8, "low", now=60.9).reserved == 2
+    assert sharing.queue(ROUTE, 8, "low", now=61.0).reserved == 0  # a minute after its last request
+    assert sharing.queue(ROUTE, 1, "high", now=62.0).reserved == 0  # the last slot is never held back

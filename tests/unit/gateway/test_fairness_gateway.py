@@ -231,3 +231,23 @@ async def test_a_held_stream_waiting_for_a_slot_keeps_getting_keep_alives(backen
     assert depth(gw, "b") == 0
     assert [r["user"] for r in backend.requests] == ["busy", "stream"]
     assert answer.status_code == 200 and events[-1] == "data: [DONE]" and len(events) == 4
+
+
+async def test_a_high_priority_request_finds_a_held_slot_while_a_low_flood_waits(backend_factory, gateway_factory):
+    backend = await backend_factory("b", gate=asyncio.Event())
+    gw = await gateway_factory(
+        [{"models": ["m"], "url": backend.url, "max_inflight": 4}], KEYS, fair_high_priority_reserve=0.25
+    )
+    async with httpx.AsyncClient(timeout=10) as http:
+        first = asyncio.create_task(chat(http, gw, "high", "high-0"))  # a high key is active from now
+        await until(lambda: len(backend.requests) == 1)
+        flood = [asyncio.create_task(chat(http, gw, "low", f"low-{i}")) for i in range(6)]
+        await until(lambda: len(backend.requests) == 3 and depth(gw, "low") == 4)  # 4 - 1 held back
+        urgent = asyncio.create_task(chat(http, gw, "high", "high-1"))
+        await until(lambda: len(backend.requests) == 4)
+        assert backend.requests[-1]["user"] == "high-1" and depth(gw, "low") == 4  # in at once, past the flood
+        backend.gate.set()
+        answers = await asyncio.gather(first, urgent, *flood)
+
+    assert [a.status_code for a in answers] == [200] * 8
+    assert gw.server.metrics.key_queue_waits[("high", "m")].counts[0] == 2  # neither waited
