@@ -14,10 +14,17 @@ queue on) and one without (off).
    the other 1x, over `--seconds` while saturated (queue on, then off). Both want more than
    half the model, so each is owed half.
 
+With `--engine vllm` the model is real instead: the generated tiny model served by Ray Serve
+LLM and vLLM's CPU build (LocalServe, the operator's rendered app) with `maxOngoingRequests` set
+to `--capacity`, which is also the queue-on gateway's capacity: what cluster mode gives that
+endpoint with one ready replica. Past it,
+the queue-off gateway's requests wait in Ray Serve's own first-come queue.
+
 Targets: interactive TTFT under flood <= 2x idle; equal keys' shares within 10% of each other.
-Everything runs in one event loop on 127.0.0.1 and stops by itself.
+Everything runs on 127.0.0.1 and stops by itself.
 
     .venv/bin/python bench/fairness.py [--capacity 8] [--samples 30] [--seconds 5] [--reserve 0.125]
+    .venv/bin/python bench/fairness.py --engine vllm [--capacity 8]
 """
 
 from __future__ import annotations
@@ -30,8 +37,8 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from pathlib import Path
 
 import aiohttp
@@ -101,7 +108,7 @@ class Engine:
 
 
 @asynccontextmanager
-async def gateway(backend: str, capacity: int, reserve: float, tmp: Path) -> AsyncIterator[str]:
+async def gateway(backend: str, capacity: int, reserve: float, tmp: Path) -> AsyncIterator[GatewayServer]:
     routes, keys = tmp / f"routes-{capacity}.yaml", tmp / "keys.yaml"
     routes.write_text(yaml.safe_dump([{"models": ["m"], "url": backend}]))
     keys.write_text(yaml.safe_dump([{"name": n, "key": f"sk-{n}", "priority": p} for n, p in KEYS.items()]))
@@ -117,14 +124,20 @@ async def gateway(backend: str, capacity: int, reserve: float, tmp: Path) -> Asy
     server = GatewayServer(settings)
     await server.start()
     try:
-        yield f"http://127.0.0.1:{server.port}/v1"
+        yield server
     finally:
         await server.stop()
 
 
 async def ask(http: aiohttp.ClientSession, url: str, key: str, tokens: int, stream: bool = False) -> float:
     """Seconds to the first streamed token (or to the whole answer)."""
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens, "stream": stream}
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": tokens,
+        "stream": stream,
+        "ignore_eos": True,  # vLLM: exactly max_tokens, as the in-process engine does
+    }
     started = time.perf_counter()
     first = None
     async with http.post(f"{url}/chat/completions", json=body, headers={"Authorization": f"Bearer sk-{key}"}) as resp:
@@ -192,27 +205,63 @@ async def shares(http: aiohttp.ClientSession, url: str, args: argparse.Namespace
     }
 
 
-async def run(args: argparse.Namespace) -> None:
+async def run(args: argparse.Namespace, served: str | None) -> None:
+    """``served``: a real engine's base URL; None runs the in-process one."""
     engine = Engine(args.capacity, args.prefill_ms / 1000, args.token_ms / 1000)
     connector = aiohttp.TCPConnector(limit=0)
     with tempfile.TemporaryDirectory() as tmp:
         async with (
-            engine.serving() as backend,
-            gateway(backend, args.capacity, args.reserve, Path(tmp)) as on,
-            gateway(backend, 0, args.reserve, Path(tmp)) as off,
+            engine.serving() if served is None else nullcontext(served) as backend,
+            gateway(backend, args.capacity, args.reserve, Path(tmp)) as on_server,
+            gateway(backend, 0, args.reserve, Path(tmp)) as off_server,
             aiohttp.ClientSession(connector=connector) as http,
         ):
+            on, off = (f"http://127.0.0.1:{g.port}/v1" for g in (on_server, off_server))
+
+            async def idle() -> None:
+                # A left client's request is aborted by the gateway (vLLM, through Serve) or
+                # finished by the in-process engine, as vLLM does when nobody aborts it.
+                while any(len(g.gateway.in_flight) for g in (on_server, off_server)) or engine.busy:
+                    await asyncio.sleep(0.05)
+
             for url in (on, off):  # warm both paths' connection pools
                 await ask(http, url, "interactive", args.tokens, stream=True)
             ttft = {"idle": await interactive_ttft(http, on, args)}
             for label, url in (("flood, queue on", on), ("flood, queue off", off)):
                 ttft[label] = await flood_ttft(http, url, args)
-                await engine.idle()
+                await idle()
             split = {}
             for label, url in (("queue on", on), ("queue off", off)):
                 split[label] = await shares(http, url, args)
-                await engine.idle()
+                await idle()
     report(ttft, split)
+
+
+@contextmanager
+def vllm_engine(capacity: int) -> Iterator[str]:
+    """The tiny model on Ray Serve LLM + vLLM, taking ``capacity`` requests at once; its base URL."""
+    from benchlib import free_port
+
+    from llmep_operator.api import capacity_of
+    from llmep_serving.local import LocalServe
+    from llmep_serving.tinymodel import ensure_tiny_model, tiny_endpoint_manifest, tiny_ray_app
+
+    autoscaling = {
+        "minReplicas": 1,
+        "maxReplicas": 1,
+        "targetQueueDepth": max(1, capacity // 4),
+        "maxOngoingRequests": capacity,
+    }
+    model = ensure_tiny_model()
+    manifest = tiny_endpoint_manifest(model, name="m", namespace="bench", max_model_len=512, autoscaling=autoscaling)
+    assert capacity_of({**manifest, "status": {"replicas": {"ready": 1}}}) == capacity  # as cluster mode sees it
+    rendered = tiny_ray_app(model, name="m", namespace="bench", max_model_len=512, autoscaling=autoscaling)
+    env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", **rendered.env}
+    started = time.monotonic()
+    print("starting Ray Serve LLM + vLLM (CPU) with the tiny model ...", flush=True)
+    with LocalServe(rendered.application, port=free_port(), env=env, progress=None) as local:
+        print(f"ready in {time.monotonic() - started:.0f}s", flush=True)
+        yield local.base_url
 
 
 def report(ttft: dict[str, list[float]], split: dict[str, dict[str, float]]) -> None:
@@ -247,6 +296,7 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=30, help="interactive requests per phase")
     parser.add_argument("--seconds", type=float, default=5, help="length of each shares window")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--engine", choices=("model", "vllm"), default="model", help="in-process model or real vLLM")
     parser.add_argument(
         "--reserve",
         type=float,
@@ -254,8 +304,13 @@ def main() -> int:
         help="fair_high_priority_reserve (default: the gateway's)",
     )
     args = parser.parse_args()
+    engine = (
+        f"in-process, {args.capacity} sequences at once, {args.prefill_ms:g} ms prefill, {args.token_ms:g} ms a token"
+        if args.engine == "model"
+        else f"vLLM (CPU) behind Ray Serve LLM, the tiny model, max_ongoing_requests {args.capacity}"
+    )
     print(
-        f"engine: {args.capacity} sequences at once, {args.prefill_ms:g} ms prefill, {args.token_ms:g} ms a token; "
+        f"engine: {engine}; "
         f"interactive: {args.tokens} tokens, batch: {args.tokens // 2}-{args.tokens * 3 // 2}; "
         f"flood: {args.flood} outstanding; load average {os.getloadavg()[0]:.1f}"
     )
@@ -264,7 +319,11 @@ def main() -> int:
         f"fair_high_priority_reserve {args.reserve:g}: {held} of {args.capacity} slots held back from the other "
         "keys while the high key has asked within a minute (in the shares window too: it asked just before)"
     )
-    asyncio.run(run(args))
+    if args.engine == "model":
+        asyncio.run(run(args, None))
+        return 0
+    with vllm_engine(args.capacity) as served:
+        asyncio.run(run(args, served))
     return 0
 
 
