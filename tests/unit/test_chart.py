@@ -301,6 +301,8 @@ def test_monitoring_values_render_monitors_dashboard_policies_and_routes():
         "llmep_gateway_key_tokens_total",
         "llmep_gateway_key_requests_total",
         "llmep_gateway_key_rate_limited_total",
+        "llmep_gateway_key_queue_depth",
+        "llmep_gateway_key_queue_wait_seconds_bucket",
     ):
         assert metric in exprs, metric
     # Per key: tokens by type, requests by code, refusals by limit, as `llmep usage` splits them.
@@ -308,11 +310,12 @@ def test_monitoring_values_render_monitors_dashboard_policies_and_routes():
         t["expr"].split("(rate(")[1].split("{")[0]: t["expr"]
         for p in board["panels"]
         for t in p["targets"]
-        if "key" in t["expr"]
+        if "key" in t["expr"] and "(rate(" in t["expr"]
     }
     assert by_key["llmep_gateway_key_tokens_total"].startswith("sum by (key, type) ")
     assert by_key["llmep_gateway_key_requests_total"].startswith("sum by (key, code) ")
     assert by_key["llmep_gateway_key_rate_limited_total"].startswith("sum by (key, limit) ")
+    assert by_key["llmep_gateway_key_queue_wait_seconds_bucket"].startswith("histogram_quantile(0.95, sum by (key, le) ")
     assert {v["name"] for v in board["templating"]["list"]} == {"datasource", "model", "key"}
 
 
@@ -324,6 +327,8 @@ def test_dashboard_queries_name_metrics_the_gateway_exports():
     metrics = GatewayMetrics()
     metrics.model("m")  # a model seen, so every per-model family has samples
     metrics.error("m", "x")
+    metrics.key_queue_wait("k", "m", 0.1)  # a request through the fair queue, so its families have samples
+    metrics.key_queued("k", "m", 1)
     exported = generate_latest(metrics.registry).decode()
     board = json.loads((CHART / "dashboards" / "llmep-overview.json").read_text())
     for panel in board["panels"]:
