@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -322,6 +323,10 @@ def run_kopf_as(
         registry = kopf.OperatorRegistry()
         kopf.on.login(registry=registry)(kopf.login_via_client)
     token = cluster.token_for(service_account, namespace)
+    # Importing ray.serve.llm (the contract tier does) puts a root handler with Ray's JSON
+    # formatter in place, which cannot serialise the settings kopf logs with: it sits out the run.
+    root = logging.getLogger()
+    ray_handlers = [h for h in root.handlers if type(h.formatter).__module__.startswith("ray.")]
     saved_default_registry = kopf.get_default_registry()  # KopfRunner replaces it
     saved_location = kube_config.KUBE_CONFIG_DEFAULT_LOCATION
     saved_env = os.environ.get("KUBECONFIG")
@@ -331,10 +336,14 @@ def run_kopf_as(
         # kubernetes' loader reads KUBECONFIG once at import; point both at the SA's file.
         kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(kc)
         os.environ["KUBECONFIG"] = str(kc)
+        for handler in ray_handlers:
+            root.removeHandler(handler)
         try:
             with KopfRunner(args, registry=registry, settings=settings, timeout=timeout) as runner:
                 yield runner
         finally:
+            for handler in ray_handlers:
+                root.addHandler(handler)
             kube_config.KUBE_CONFIG_DEFAULT_LOCATION = saved_location
             if saved_env is None:
                 os.environ.pop("KUBECONFIG", None)
