@@ -315,7 +315,8 @@ def test_monitoring_values_render_monitors_dashboard_policies_and_routes():
     assert by_key["llmep_gateway_key_tokens_total"].startswith("sum by (key, type) ")
     assert by_key["llmep_gateway_key_requests_total"].startswith("sum by (key, code) ")
     assert by_key["llmep_gateway_key_rate_limited_total"].startswith("sum by (key, limit) ")
-    assert by_key["llmep_gateway_key_queue_wait_seconds_bucket"].startswith("histogram_quantile(0.95, sum by (key, le) ")
+    wait = by_key["llmep_gateway_key_queue_wait_seconds_bucket"]
+    assert wait.startswith("histogram_quantile(0.95, sum by (key, le) ")
     assert {v["name"] for v in board["templating"]["list"]} == {"datasource", "model", "key"}
 
 
