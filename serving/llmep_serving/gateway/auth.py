@@ -36,7 +36,7 @@ class ApiKey:
     rpm: int | None = None  # requests per minute; None: unlimited
     tpm: int | None = None  # tokens per minute
     tokens_per_day: int | None = None  # tokens per UTC day
-    priority: Priority = "normal"  # for the fair queue; stored, not yet used
+    priority: Priority = "normal"  # the fair queue lets high in first, then normal, then low
 
     @property
     def limited(self) -> bool:
