@@ -5,12 +5,13 @@ that slots are neither leaked nor given to a waiter that was cancelled."""
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -194,6 +195,8 @@ def sharing_for(capacity: int, size: int) -> FairSharing:
     capacity=st.integers(1, 3),
     size=st.integers(0, 8),
 )
+# The case CI found once the reserve existed: the only free slot is held for the high key.
+@example(plan=[("a", "high", False, 0), ("a", "normal", False, 0)], order=random.Random(0), capacity=2, size=0)  # noqa: S311 - a test shuffle
 @settings(max_examples=60, deadline=None)
 def test_every_slot_comes_back_once_and_cancelled_waiters_never_get_one(
     plan: list[tuple[str, Priority, bool, int]], order: random.Random, capacity: int, size: int
@@ -249,7 +252,11 @@ async def _run_plan(plan: list[tuple[str, Priority, bool, int]], steps: list[int
     refused = [r for r in results if isinstance(r, GatewayError)]
     assert all(r.code == "model_busy" and r.status == 429 for r in refused)
     assert all(r is None or isinstance(r, GatewayError | asyncio.CancelledError) for r in results)
-    assert len(refused) <= max(0, len(plan) - capacity - size)
+    # Past the first (capacity - reserve) requests, only a full queue refuses; while a high key is
+    # active its reserved slots are not open to the others.
+    share = sharing.settings.fair_high_priority_reserve
+    reserve = min(capacity - 1, math.ceil(capacity * share)) if any(p == "high" for _, p, _, _ in plan) else 0
+    assert len(refused) <= max(0, len(plan) - (capacity - reserve) - size)
     leftover = sharing._queues.get(ROUTE.key)
     assert leftover is None, f"a slot or a waiter leaked: {leftover.in_use} in use, {leftover.waiting} waiting"
     waits = sharing.metrics.key_queue_waits
