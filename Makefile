@@ -49,7 +49,7 @@ lint: ## ruff, import-linter (operator and gateway never import ray or vllm), my
 	$(VENV)/bin/mypy --scripts-are-modules hack/local-cluster hack/runc-capfilter
 
 test: check-crds lint ## lint, then every tier that can run here; fails if a tier collected nothing
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests --durations=20 $(PYTEST_ARGS)
 
 test-unit: ## unit tier only
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

@@ -29,6 +29,7 @@ INVALID_FIXTURES = sorted((FIXTURES / "invalid").glob("*.yaml"))
 # Tiers are folders; `make test` runs every tier that has test files, and a tier that has
 # files but collects nothing (an import skip, a bad marker) fails the run instead of passing.
 TIERS = ("unit", "contract", "cluster", "serving", "reliability", "e2e")
+TIER_SECONDS: dict[str, float] = {}  # filled as tests report, printed at the end of the run
 
 
 def _tier_of(path: Path) -> str | None:
@@ -93,3 +94,16 @@ def pytest_collection_finish(session):
         )
     summary = ", ".join(f"{t}={n}" for t, n in counts.items() if n)
     session.config.pluginmanager.get_plugin("terminalreporter").write_line(f"llmep tiers: {summary}")
+
+
+def pytest_runtest_logreport(report):
+    # Setup, call and teardown of each test summed per tier: where a slow CI run spent its time.
+    tier = _tier_of(REPO_ROOT / report.nodeid.split("::", 1)[0])  # node ids are relative to the root
+    if tier:
+        TIER_SECONDS[tier] = TIER_SECONDS.get(tier, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIER_SECONDS:
+        spent = ", ".join(f"{t} {TIER_SECONDS[t]:.0f} s" for t in TIERS if t in TIER_SECONDS)
+        terminalreporter.write_line(f"llmep time per tier: {spent}")
