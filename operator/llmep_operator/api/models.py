@@ -32,6 +32,7 @@ SHORT_NAMES = ["llmep"]
 # suffix); 40 keeps that and every label value within 63 characters.
 MAX_NAME_LENGTH = 40
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+ONGOING_PER_TARGET_DEPTH = 4  # maxOngoingRequests by default: headroom over Serve's autoscaling target
 
 SOURCE_SCHEMES = tuple(scheme.value for scheme in SourceScheme)
 SOURCE_PATTERN = r"^(hf|pvc|s3|gs)://[^\s/]+(/[^\s]*)?$|^file:///[^\s]*$"
@@ -448,7 +449,7 @@ class AutoscalingSpec(ApiModel):
 
     @property
     def effective_max_ongoing_requests(self) -> int:
-        return self.max_ongoing_requests or 4 * self.target_queue_depth
+        return self.max_ongoing_requests or ONGOING_PER_TARGET_DEPTH * self.target_queue_depth
 
 
 class RoutingPolicy(enum.StrEnum):
@@ -857,22 +858,30 @@ def adapter_names_of(body: Mapping[str, Any]) -> list[str]:
 
 def capacity_of(body: Mapping[str, Any]) -> int | None:
     """Requests a stored LLMEndpoint's ready replicas take at once (status.replicas.ready ×
-    spec.autoscaling.maxOngoingRequests, whose default is 4 × targetQueueDepth), read from its raw
+    spec.autoscaling.maxOngoingRequests, whose default is ONGOING_PER_TARGET_DEPTH × targetQueueDepth,
+    as rendered), read from its raw
     body; None while the status counts no ready replica or the fields are malformed."""
     replicas = (body.get("status") or {}).get("replicas")
-    ready = replicas.get("ready") if isinstance(replicas, Mapping) else None
-    if not isinstance(ready, int) or isinstance(ready, bool) or ready <= 0:
+    ready = _positive_count(replicas.get("ready")) if isinstance(replicas, Mapping) else None
+    if ready is None:
         return None
     autoscaling = (body.get("spec") or {}).get("autoscaling") or {}
     if not isinstance(autoscaling, Mapping):
         return None
-    per_replica = autoscaling.get("maxOngoingRequests")
-    if per_replica is None:
-        depth = autoscaling.get("targetQueueDepth", AutoscalingSpec.model_fields["target_queue_depth"].default)
-        per_replica = 4 * depth if isinstance(depth, int) and not isinstance(depth, bool) else None
-    if not isinstance(per_replica, int) or isinstance(per_replica, bool) or per_replica <= 0:
-        return None
-    return ready * per_replica
+    configured = autoscaling.get("maxOngoingRequests")
+    if configured is None:
+        depth = _positive_count(
+            autoscaling.get("targetQueueDepth", AutoscalingSpec.model_fields["target_queue_depth"].default)
+        )
+        per_replica = None if depth is None else ONGOING_PER_TARGET_DEPTH * depth
+    else:
+        per_replica = _positive_count(configured)
+    return None if per_replica is None else ready * per_replica
+
+
+def _positive_count(value: object) -> int | None:
+    """``value`` when it is a whole number above 0 (a JSON true is not one), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def model_ids_of(body: Mapping[str, Any]) -> list[str]:
