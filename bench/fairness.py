@@ -90,11 +90,6 @@ class Engine:
         await resp.write_eof()
         return resp
 
-    async def idle(self) -> None:
-        # The engine finishes requests whose clients left, as vLLM does when nobody aborts them.
-        while self.busy:
-            await asyncio.sleep(0.05)
-
     @asynccontextmanager
     async def serving(self) -> AsyncIterator[str]:
         runner = web.ServerRunner(web.Server(self.handle, access_log=None))
