@@ -41,14 +41,14 @@ def test_the_example_keys_load_with_their_limits_as_secrets_and_as_a_local_file(
     local-mode file are read by the gateway's own parsers into the same keys."""
     import base64
 
-    from llmep_serving.gateway.auth import key_from_secret, parse_keys
+    from llmep_serving.gateway.auth import KEY_LABEL, key_from_secret, parse_keys
 
     folder = REPO_ROOT / "examples" / "keys"
     from_secrets = {}
     for path in sorted(folder.glob("*.yaml")):
         doc = yaml.safe_load(path.read_text())
         if isinstance(doc, dict) and doc.get("kind") == "Secret":
-            assert doc["metadata"]["labels"] == {"llmep.io/api-key": "true"}
+            assert doc["metadata"]["labels"] == {KEY_LABEL: "true"}  # what the gateway selects keys by
             data = {k: base64.b64encode(str(v).encode()).decode() for k, v in doc["stringData"].items()}
             from_secrets[doc["metadata"]["name"]] = key_from_secret(doc["metadata"]["name"], data)
     from_file = {k.name: k for k in parse_keys(yaml.safe_load((folder / "local-keys.yaml").read_text()))}
